@@ -1,0 +1,85 @@
+"""The one place where FAT's depthwise convolutions are made.
+
+Every depthwise conv of the model is a :class:`DepthwiseConv2d`: an ``nn.Conv2d`` with
+``groups == channels`` and padding ``k // 2``, so its parameters and state-dict keys are those
+of the plain PyTorch layer whatever implementation runs it. On CUDA tensors it can run the
+project's own extension (``kernels/dwconv``) instead of cuDNN, chosen by ``impl``:
+
+- ``'auto'``: our kernel where it is built, passed its first-use self-check on that device and is
+  the faster choice for the shape; PyTorch otherwise.
+- ``'torch'``: always ``F.conv2d``.
+- ``'cuda'``: always our kernel on CUDA tensors; an error if it cannot be used.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DwConvImpl = Literal['auto', 'torch', 'cuda']
+DWCONV_IMPLS = ('auto', 'torch', 'cuda')
+
+
+def _kernels():
+    """The extension's Python package, or None where it is not importable (model used alone)."""
+    try:
+        from kernels import dwconv
+    except ImportError:
+        return None
+    return dwconv
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise ``k x k`` convolution with stride ``s``, padding ``k // 2`` and bias."""
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, impl: DwConvImpl = 'auto'):
+        if kernel_size % 2 != 1:
+            raise ValueError(f'depthwise kernel size must be odd, got {kernel_size}')
+        super().__init__(channels, channels, kernel_size, stride, kernel_size // 2, groups=channels, bias=True)
+        self.impl = check_impl(impl)
+
+    def _use_extension(self, x: torch.Tensor) -> bool:
+        if not x.is_cuda or self.impl == 'torch' or torch.compiler.is_compiling():
+            return False
+        kernels = _kernels()
+        k, s = self.kernel_size[0], self.stride[0]
+        if self.impl == 'cuda':
+            if kernels is None or not kernels.is_usable(x.device):
+                raise RuntimeError(
+                    'MODEL.DWCONV_IMPL is "cuda" but the depthwise-conv extension in kernels/dwconv '
+                    'could not be built or failed its self-check on this device; see the warning above, '
+                    'or use "auto" to fall back to PyTorch')
+            return True
+        return (kernels is not None and kernels.preferred(k, s, x.dtype)
+                and kernels.is_usable(x.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_extension(x):
+            return _kernels().depthwise_conv2d(x, self.weight, self.bias, self.stride[0])
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f', impl={self.impl}'
+
+
+def check_impl(impl: str) -> str:
+    """Validate a depthwise-conv implementation name (``MODEL.DWCONV_IMPL``)."""
+    if impl not in DWCONV_IMPLS:
+        raise ValueError(f'unknown depthwise-conv implementation {impl!r}; choose one of {DWCONV_IMPLS}')
+    return impl
+
+
+def create_dwconv(channels: int, kernel_size: int, stride: int = 1, impl: DwConvImpl = 'auto') -> DepthwiseConv2d:
+    """Make a depthwise conv; the single factory every FAT layer uses."""
+    return DepthwiseConv2d(channels, kernel_size, stride, impl)
+
+
+def set_dwconv_impl(model: nn.Module, impl: DwConvImpl) -> nn.Module:
+    """Switch every depthwise conv of ``model`` to ``impl``; parameters are untouched."""
+    impl = check_impl(impl)
+    for module in model.modules():
+        if isinstance(module, DepthwiseConv2d):
+            module.impl = impl
+    return model
