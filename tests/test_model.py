@@ -389,3 +389,13 @@ def test_dwconv_cuda_impl_fails_loudly_when_extension_unusable(monkeypatch):
     assert not dwconv.create_dwconv(8, 7, impl='auto')._use_extension(cuda_input), 'auto falls back silently'
     monkeypatch.setattr(dwconv, '_kernels', lambda: None)
     assert not dwconv.create_dwconv(8, 7, impl='auto')._use_extension(cuda_input)
+
+
+def test_literal_benchmark_baseline_computes_the_same_model():
+    from benchmarks.literal_fat import make_literal
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(make_literal(model)(x), expected, rtol=1e-5, atol=1e-5)
