@@ -1,0 +1,192 @@
+"""Training, evaluation and throughput through main.py, the way users run it (CPU, tiny data)."""
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import get_config, scaled_lrs  # noqa: E402
+from lr_scheduler import build_scheduler  # noqa: E402
+from models import build_model  # noqa: E402
+from optimizer import build_optimizer  # noqa: E402
+
+TESTDATA = ROOT.parent / 'shared' / 'testdata' / 'official-fat'
+TINY_OPTS = ['MODEL.FAT.EMBED_DIMS', '[8, 16, 16, 16]', 'MODEL.FAT.DEPTHS', '[1, 1, 1, 1]',
+             'MODEL.FAT.NUM_HEADS', '[1, 1, 1, 1]', 'DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0',
+             'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'PRINT_FREQ', '2', 'AUG.AUTO_AUGMENT', 'none',
+             'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0', 'AUG.REPROB', '0.0']
+
+
+def make_image_folder(root: Path, classes: int, train_per_class: int, val_per_class: int, size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (('train', train_per_class), ('val', val_per_class)):
+        for c in range(classes):
+            folder = root / split / f'class_{c}'
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+                image[:, :, c % 3] += np.uint8(80 + 40 * (c // 3 % 4))  # classes differ in colour
+                cv2.imwrite(str(folder / f'{i}.png'), image)
+    return root
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp('data'), classes=3, train_per_class=8, val_per_class=3)
+
+
+def run_main(*args, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc)] if nproc > 1 \
+        else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(launcher + ['main.py', '--device', 'cpu', *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'main.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def train_args(data: Path, output: Path, *extra_opts: str, batch_size: int = 4):
+    return ['--data-path', data, '--output', output, '--batch-size', batch_size, '--opts', *TINY_OPTS, *extra_opts]
+
+
+def accuracy(stdout: str) -> float:
+    return float(re.findall(r'Accuracy of the network on the \d+ test images: ([\d.]+)%', stdout)[-1])
+
+
+def test_train_one_process_writes_outputs_then_auto_resumes(image_folder, tmp_path):
+    run = tmp_path / 'fat_b0' / 'default'
+    first = run_main(*train_args(image_folder, tmp_path, 'SAVE_FREQ', '1'))
+    assert 0 <= accuracy(first.stdout) <= 100
+    assert re.search(r'Train: \[0/1\]\[\d+/6\]\s+eta \S+ lr [\d.e+-]+\s+time .* loss [\d.]+\s+grad_norm [\d.]+\s+mem \d+MB',
+                     first.stdout)
+    for name in ('log.txt', 'config.yaml', 'ckpt_last.pth', 'ckpt_best.pth', 'ckpt_epoch_0.pth'):
+        assert (run / name).is_file(), name
+    assert list(run.glob('events.out.tfevents.*')), 'TensorBoard events'
+    saved = yaml.safe_load((run / 'config.yaml').read_text())
+    assert saved['MODEL']['FAT']['EMBED_DIMS'] == [8, 16, 16, 16] and saved['DATA']['IMG_SIZE'] == 32
+    assert saved['MODEL']['NUM_CLASSES'] == 3, 'the class count follows the data'
+    checkpoint = torch.load(run / 'ckpt_last.pth', weights_only=True)
+    assert checkpoint['epoch'] == 0 and {'model', 'optimizer', 'lr_scheduler', 'scaler'} <= set(checkpoint)
+
+    second = run_main(*train_args(image_folder, tmp_path, 'TRAIN.EPOCHS', '2'))
+    assert 'resumed from' in second.stdout and 'ckpt_last.pth (epoch 0' in second.stdout
+    assert 'Train: [0/2]' not in second.stdout and 'Train: [1/2]' in second.stdout
+    assert torch.load(run / 'ckpt_last.pth', weights_only=True)['epoch'] == 1
+
+
+def test_train_two_processes_under_torchrun(image_folder, tmp_path):
+    proc = run_main(*train_args(image_folder, tmp_path, 'MODEL.EMA.ENABLE', 'True'), nproc=2)
+    assert '2 process(es) on cpu' in proc.stdout
+    assert proc.stdout.count('Accuracy of the network on the 9 test images') == 1, 'only rank 0 logs'
+    assert 'EMA accuracy' in proc.stdout
+    log = (tmp_path / 'fat_b0' / 'default' / 'log.txt').read_text()
+    assert log.count('start training') == 1
+    assert torch.load(tmp_path / 'fat_b0' / 'default' / 'ckpt_last.pth', weights_only=True)['ema'] is not None
+
+
+def test_eval_of_own_checkpoint_reproduces_training_accuracy(image_folder, tmp_path):
+    trained = run_main(*train_args(image_folder, tmp_path))
+    ckpt = tmp_path / 'fat_b0' / 'default' / 'ckpt_last.pth'
+    evaluated = run_main('--eval', '--resume', ckpt, *train_args(image_folder, tmp_path / 'eval'))
+    assert accuracy(evaluated.stdout) == accuracy(trained.stdout)
+    assert 'top-5' in evaluated.stdout and 'loss' in evaluated.stdout
+
+
+@pytest.mark.parametrize('wrap', ['authors', 'bare'])
+def test_eval_accepts_authors_and_bare_checkpoints(tmp_path, wrap):
+    vector_path = TESTDATA / 'tiny_vector.pth'
+    if not vector_path.exists():
+        pytest.skip('test vectors not found')
+    vector = torch.load(vector_path, weights_only=True)
+    ckpt = tmp_path / 'official.pth'
+    torch.save({'model': vector['state_dict'], 'epoch': 299} if wrap == 'authors' else vector['state_dict'], ckpt)
+    data = make_image_folder(tmp_path / 'data', classes=10, train_per_class=1, val_per_class=2, size=64)
+    cfg = vector['config']
+    proc = run_main('--eval', '--resume', ckpt, '--data-path', data, '--output', tmp_path, '--batch-size', 8,
+                    '--opts', 'MODEL.FAT.EMBED_DIMS', str(cfg['embed_dims']), 'MODEL.FAT.DEPTHS', str(cfg['depths']),
+                    'MODEL.FAT.NUM_HEADS', str(cfg['num_heads']), 'DATA.IMG_SIZE', '64', 'DATA.NUM_WORKERS', '0',
+                    'TEST.CROP', 'False')
+    assert f'loaded weights from {ckpt}' in proc.stdout
+    assert 0 <= accuracy(proc.stdout) <= 100
+
+
+def test_throughput_prints_images_per_second(tmp_path):
+    proc = run_main('--throughput', '--output', tmp_path, '--batch-size', 2, '--opts', *TINY_OPTS)
+    rate = float(re.search(r'throughput ([\d.]+) img/s', proc.stdout).group(1))
+    assert rate > 0
+    assert re.search(r'[\d,]+ parameters, [\d.]+ GMACs', proc.stdout)
+
+
+# --- configuration, LR scaling, optimizer ------------------------------------------------------
+
+def config_from(*opts, cfg=None):
+    return get_config(argparse.Namespace(cfg=cfg, opts=list(opts) or None))
+
+
+def test_yaml_base_inheritance_and_opts_override():
+    config = config_from('TRAIN.EPOCHS', '7', cfg=str(ROOT / 'configs' / 'digits_fat_b0.yaml'))
+    assert config.TRAIN.EPOCHS == 7  # --opts wins over the yaml
+    assert config.DATA.DATASET == 'digits' and config.DATA.IMG_SIZE == 64  # the file itself
+    assert config.TRAIN.WEIGHT_DECAY == 0.05 and config.TRAIN.CLIP_GRAD == 5.0  # from imagenet_base.yaml
+    assert config.MODEL.FAT.EMBED_DIMS == [32, 80, 160, 256]  # from fat_b0_224.yaml
+
+
+@pytest.mark.parametrize('variant,dims,depths,heads,drop_path', [
+    ('fat_b0', [32, 80, 160, 256], [2, 2, 6, 2], [2, 5, 10, 16], 0.05),
+    ('fat_b1', [48, 96, 192, 384], [2, 2, 6, 2], [3, 6, 12, 24], 0.1),
+    ('fat_b2', [64, 128, 256, 512], [2, 2, 6, 2], [2, 4, 8, 16], 0.1),
+    ('fat_b3', [64, 128, 256, 512], [4, 4, 16, 4], [2, 4, 8, 16], 0.15),
+])
+def test_variant_configs_carry_the_paper_recipe(variant, dims, depths, heads, drop_path):
+    config = config_from(cfg=str(ROOT / 'configs' / f'{variant}_224.yaml'))
+    assert (config.MODEL.FAT.EMBED_DIMS, config.MODEL.FAT.DEPTHS, config.MODEL.FAT.NUM_HEADS) == (dims, depths, heads)
+    assert config.MODEL.DROP_PATH_RATE == drop_path
+    assert (config.TRAIN.EPOCHS, config.TRAIN.WARMUP_EPOCHS, config.TRAIN.BASE_LR) == (300, 20, 5e-4)
+    assert (config.AUG.MIXUP, config.AUG.CUTMIX, config.AUG.REPROB) == (0.8, 1.0, 0.25)
+    assert config.AUG.AUTO_AUGMENT == 'rand-m9-mstd0.5-inc1' and config.DATA.INTERPOLATION == 'bicubic'
+    assert config.TEST.CROP_PCT == 0.875 and tuple(config.TRAIN.OPTIMIZER.BETAS) == (0.9, 0.999)
+
+
+def test_lr_scales_linearly_with_the_total_batch():
+    config = config_from('DATA.BATCH_SIZE', '128', 'TRAIN.ACCUMULATION_STEPS', '2')
+    base, warmup, minimum = scaled_lrs(config, world_size=8)  # 128 x 8 x 2 = 2048 = 4 x 512
+    assert (base, warmup, minimum) == pytest.approx((2e-3, 2e-6, 2e-5))
+    assert scaled_lrs(config_from('DATA.BATCH_SIZE', '64'), world_size=4)[0] == pytest.approx(2.5e-4)
+
+
+def test_scheduler_warms_up_then_decays_per_step():
+    config = config_from('TRAIN.EPOCHS', '10', 'TRAIN.WARMUP_EPOCHS', '2')
+    model = build_model(config_from('MODEL.FAT.EMBED_DIMS', '[8, 16, 16, 16]', 'MODEL.FAT.NUM_HEADS', '[1, 1, 1, 1]'))
+    optimizer = build_optimizer(config, model, lr=1e-3)
+    scheduler = build_scheduler(config, optimizer, n_iter_per_epoch=10, warmup_lr=1e-6, min_lr=1e-5)
+    lrs = []
+    for step in range(100):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]['lr'])
+    assert lrs[0] == pytest.approx(1e-6)
+    assert lrs[:20] == sorted(lrs[:20]) and lrs[20] == pytest.approx(1e-3)
+    assert lrs[20:] == sorted(lrs[20:], reverse=True) and lrs[-1] == pytest.approx(1e-5, rel=0.05)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = build_model(config_from())
+    optimizer = build_optimizer(config_from(), model, lr=1e-3)
+    decayed, plain = optimizer.param_groups
+    assert decayed['weight_decay'] == 0.05 and plain['weight_decay'] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim > 1 for p in decayed['params'])
+    plain_names = {names[id(p)] for p in plain['params']}
+    assert 'stem.norm.weight' in plain_names and 'head.bias' in plain_names
+    assert 'stages.0.blocks.0.mlp.norm.weight' in plain_names
+    assert len(decayed['params']) + len(plain['params']) == len(list(model.parameters()))
