@@ -28,6 +28,7 @@ _C.DATA.INTERPOLATION = 'bicubic'  # resize interpolation: random, bilinear, bic
 _C.DATA.PIN_MEMORY = True  # page-locked host memory for faster host-to-GPU copies
 _C.DATA.NUM_WORKERS = 8  # data-loading worker processes per training process
 _C.DATA.PREFETCH_FACTOR = 4  # batches each worker loads ahead
+_C.DATA.SKIP_CORRUPT = False  # replace unreadable images by the next readable one (and count them) instead of stopping
 
 # -----------------------------------------------------------------------------------------------
 # Model
@@ -72,6 +73,7 @@ _C.TRAIN.CLIP_GRAD = 5.0  # gradient norm clipping; 0 disables
 _C.TRAIN.AUTO_RESUME = True  # resume from the newest checkpoint in the output folder
 _C.TRAIN.ACCUMULATION_STEPS = 1  # micro-batches per optimizer step
 _C.TRAIN.USE_CHECKPOINT = False  # activation (gradient) checkpointing to save memory
+_C.TRAIN.MAX_NONFINITE_STEPS = 0  # optimizer steps with a non-finite loss or gradient to skip before stopping
 
 _C.TRAIN.LR_SCHEDULER = CN()
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'  # cosine, linear or step; updated every step
@@ -128,11 +130,18 @@ _C.THROUGHPUT_MODE = False  # only measure inference throughput
 _C.LOCAL_RANK = 0  # set from the environment by torchrun
 
 
+class ConfigError(Exception):
+    """A config file, key or value the user gave is wrong: reported as one line."""
+
+
 def _load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'config file not found: {path}')
+        raise ConfigError(f'config file not found: {path}')
     with open(path) as f:
-        return yaml.safe_load(f) or {}
+        try:
+            return yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f'{path} is not valid YAML: {error}') from error
 
 
 def _update_config_from_file(config: CN, cfg_file: str) -> None:
@@ -141,8 +150,18 @@ def _update_config_from_file(config: CN, cfg_file: str) -> None:
         if base:
             _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
     config.defrost()
-    config.merge_from_file(cfg_file)
+    try:
+        config.merge_from_file(cfg_file)
+    except (KeyError, ValueError, AssertionError) as error:
+        raise ConfigError(f'{cfg_file}: {_yacs_message(error)}') from error
     config.freeze()
+
+
+def _yacs_message(error: Exception) -> str:
+    message = error.args[0] if error.args else str(error)
+    if 'Non-existent' in message:
+        return f'{message} (a misspelt key? every key is listed with its meaning in config.py)'
+    return message
 
 
 def update_config(config: CN, args: argparse.Namespace) -> None:
@@ -151,7 +170,12 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
         _update_config_from_file(config, args.cfg)
     config.defrost()
     if args.opts:
-        config.merge_from_list(args.opts)
+        if len(args.opts) % 2:
+            raise ConfigError(f'--opts takes KEY VALUE pairs; got an odd number of items: {" ".join(args.opts)}')
+        try:
+            config.merge_from_list(args.opts)
+        except (KeyError, ValueError, AssertionError) as error:
+            raise ConfigError(f'--opts: {_yacs_message(error)}') from error
     flags = {
         'batch_size': 'DATA.BATCH_SIZE', 'data_path': 'DATA.DATA_PATH', 'pretrained': 'MODEL.PRETRAINED',
         'resume': 'MODEL.RESUME', 'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS', 'output': 'OUTPUT',

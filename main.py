@@ -11,8 +11,11 @@ import datetime
 import logging
 import os
 import random
+import signal
+import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
@@ -23,14 +26,45 @@ from timm.utils import AverageMeter, ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from config import get_config, output_dir, scaled_lrs
-from data import build_loader
+from config import ConfigError, get_config, output_dir, scaled_lrs
+from data import DataError, build_loader
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model, count_macs
 from optimizer import build_optimizer
-from utils import (all_reduce_sum, find_resume_checkpoint, init_distributed, load_checkpoint_file,
-                   load_model_weights, memory_used_mb, save_checkpoint, unwrap_model)
+from utils import (UserInputError, all_finite, all_reduce_sum, init_distributed, is_distributed,
+                   load_checkpoint_file, load_model_weights, load_resume_checkpoint, memory_used_mb, rng_state,
+                   save_checkpoint, set_rng_state, unwrap_model)
+
+
+class NonFiniteLossError(Exception):
+    """The loss or gradients stopped being finite (TRAIN.MAX_NONFINITE_STEPS exceeded)."""
+
+
+class Preempted(Exception):
+    """SIGTERM / SIGINT arrived; the run saved a resumable checkpoint."""
+
+
+class StopSignal:
+    """Turns the first SIGTERM or SIGINT into a request to stop after the current step."""
+
+    def __init__(self, logger: logging.Logger):
+        self.signum = 0
+        self.logger = logger
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+            self.logger.info(f'received {signal.Signals(signum).name}: stopping after this step to save a checkpoint')
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal number if any process was signalled (all processes agree; one collective)."""
+        if not is_distributed():
+            return self.signum
+        flag = torch.tensor([self.signum], device=device)
+        return int(all_reduce_sum(flag).item() and max(self.signum, signal.SIGTERM))
 
 
 def parse_option() -> Tuple[argparse.Namespace, object]:
@@ -53,6 +87,7 @@ def parse_option() -> Tuple[argparse.Namespace, object]:
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
     parser.add_argument('--channels-last', action='store_true', help='channels_last model and inputs')
     parser.add_argument('--seed', type=int, help='random seed')
+    parser.add_argument('--debug', action='store_true', help='show full tracebacks for input errors')
     args = parser.parse_args()
     return args, get_config(args)
 
@@ -77,12 +112,70 @@ def build_criterion(config, mixup_fn) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def train_one_epoch(config, model, criterion, loader, optimizer, epoch, mixup_fn, lr_scheduler, scaler, ema,
-                    device, logger, writer: Optional[SummaryWriter]) -> None:
+@dataclass
+class Run:
+    """Everything a training run carries from step to step, and what its checkpoints hold."""
+    model: nn.Module  # the plain model (what checkpoints store)
+    train_model: nn.Module  # what runs the steps: the model, or DDP / torch.compile around it
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    scaler: torch.amp.GradScaler
+    loss_scaling: bool  # fp16: the scaler really scales; otherwise it only skips non-finite steps
+    ema: Optional[ModelEmaV3]
+    epoch: int = 0  # the epoch in progress
+    step: int = 0  # batches of that epoch already trained on
+    max_accuracy: float = 0.0
+    nonfinite_steps: Optional[torch.Tensor] = None  # on the device: no sync to count them
+    first_nonfinite: Optional[torch.Tensor] = None  # epoch * steps_per_epoch + batch of the first one
+
+    def state_dict(self, config, rng_states: list) -> dict:
+        """Plain data only, so it loads with torch.load(..., weights_only=True)."""
+        return {
+            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.lr_scheduler.state_dict(), 'scaler': self.scaler.state_dict(),
+            'ema': unwrap_model(self.ema.module).state_dict() if self.ema is not None else None,
+            'epoch': self.epoch, 'step': self.step, 'max_accuracy': self.max_accuracy,
+            'rng': rng_states, 'config': config.dump(),
+        }
+
+    def load_state_dict(self, checkpoint: dict, path: str, rank: int, world_size: int, logger) -> None:
+        load_model_weights(self.model, path, logger, checkpoint=checkpoint)
+        self.optimizer.load_state_dict(checkpoint['optimizer'])
+        self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        self.scaler.load_state_dict(checkpoint['scaler'])
+        if self.ema is not None and checkpoint.get('ema') is not None:
+            unwrap_model(self.ema.module).load_state_dict(checkpoint['ema'])
+        self.epoch, self.step, self.max_accuracy = checkpoint['epoch'], checkpoint['step'], checkpoint['max_accuracy']
+        if len(checkpoint['rng']) == world_size:
+            set_rng_state(checkpoint['rng'][rank])
+        else:
+            logger.warning(f'{path} was written by {len(checkpoint["rng"])} process(es), this run has {world_size}: '
+                           'random states are not restored, so the run continues but not bit-exactly')
+        logger.info(f'resumed from {path} (epoch {self.epoch}, {self.step} steps done, '
+                    f'best top-1 {self.max_accuracy:.2f}%)')
+
+
+def check_nonfinite(config, run: Run, steps_per_epoch: int) -> None:
+    """Stop once more optimizer steps had a non-finite loss or gradient than TRAIN.MAX_NONFINITE_STEPS
+    (those steps were skipped on the device, so the weights are untouched)."""
+    count = int(run.nonfinite_steps.item())
+    if count > config.TRAIN.MAX_NONFINITE_STEPS:
+        epoch, step = divmod(int(run.first_nonfinite.item()), steps_per_epoch)
+        raise NonFiniteLossError(
+            f'non-finite loss or gradients at epoch {epoch} step {step} ({count} step(s) so far, '
+            f'TRAIN.MAX_NONFINITE_STEPS is {config.TRAIN.MAX_NONFINITE_STEPS}); those steps were skipped and '
+            'nothing non-finite was saved. Lower TRAIN.BASE_LR, check TRAIN.CLIP_GRAD and the data, '
+            'or allow skipping with --opts TRAIN.MAX_NONFINITE_STEPS N')
+
+
+def train_one_epoch(config, run: Run, criterion, loader, steps_per_epoch: int, mixup_fn, device, logger,
+                    writer: Optional[SummaryWriter], stop: StopSignal) -> bool:
+    """Train from ``run.step`` to the end of ``run.epoch``; False when a stop signal ended it early
+    (``run.step`` then says how far it got, at an optimizer-step boundary)."""
+    model, optimizer = run.train_model, run.optimizer
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loader.sampler.set_epoch(epoch)
-    num_steps = len(loader)
+    loader.sampler.set_epoch(run.epoch, skip=run.step * config.DATA.BATCH_SIZE)
     accumulation = config.TRAIN.ACCUMULATION_STEPS
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else float('inf')
@@ -90,9 +183,10 @@ def train_one_epoch(config, model, criterion, loader, optimizer, epoch, mixup_fn
     # Running sums stay on the device; they are read (one sync) only at the print interval.
     loss_sum = torch.zeros((), device=device)
     norm_sum = torch.zeros((), device=device)
+    loss_finite = torch.ones((), dtype=torch.bool, device=device)
     loss_count = norm_count = 0
     start = end = time.time()
-    for idx, (samples, targets) in enumerate(loader):
+    for idx, (samples, targets) in enumerate(loader, start=run.step):
         samples, targets = to_device(samples, config, device), targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
@@ -102,36 +196,48 @@ def train_one_epoch(config, model, criterion, loader, optimizer, epoch, mixup_fn
         sync_grads = update or not hasattr(model, 'no_sync')
         with (nullcontext() if sync_grads else model.no_sync()), autocast(config, device):
             loss = criterion(model(samples), targets)
-        scaler.scale(loss / accumulation).backward()
-        loss_sum += loss.detach()
+        run.scaler.scale(loss / accumulation).backward()
+        loss = loss.detach()
+        loss_finite &= torch.isfinite(loss)
+        loss_sum += loss
         loss_count += 1
         if update:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            run.scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+            # With loss scaling an overflowing gradient is routine (the scaler backs off); only a
+            # non-finite loss is then a fault. Either way the scaler skips the step on the device.
+            bad = ~loss_finite if run.loss_scaling else ~(loss_finite & torch.isfinite(grad_norm))
+            run.nonfinite_steps += bad
+            run.first_nonfinite.copy_(torch.where(bad & (run.first_nonfinite < 0),
+                                                  run.epoch * steps_per_epoch + idx, run.first_nonfinite))
+            loss_finite.fill_(True)
+            run.scaler.step(optimizer)
+            run.scaler.update() if run.loss_scaling else run.scaler.update(1.0)
             optimizer.zero_grad(set_to_none=True)
-            global_step = (epoch * num_steps + idx) // accumulation
-            lr_scheduler.step_update(global_step + 1)
-            if ema is not None:
-                ema.update(unwrap_model(model), step=global_step)
-            norm_sum += grad_norm.detach()
+            global_step = (run.epoch * steps_per_epoch + idx) // accumulation
+            run.lr_scheduler.step_update(global_step + 1)
+            if run.ema is not None:
+                run.ema.update(run.model, step=global_step)
+            norm_sum += torch.where(torch.isfinite(grad_norm), grad_norm, 0)
             norm_count += 1
+            run.step = idx + 1
         batch_time.update(time.time() - end)
         end = time.time()
 
-        if idx % config.PRINT_FREQ == 0 or idx == num_steps - 1:
+        print_now = idx % config.PRINT_FREQ == 0 or idx == steps_per_epoch - 1
+        if print_now:
+            check_nonfinite(config, run, steps_per_epoch)
             lr = optimizer.param_groups[0]['lr']
             loss_avg = (loss_sum / max(loss_count, 1)).item()
             norm_avg = (norm_sum / max(norm_count, 1)).item()
-            eta = datetime.timedelta(seconds=int(batch_time.avg * (num_steps - idx - 1)))
+            eta = datetime.timedelta(seconds=int(batch_time.avg * (steps_per_epoch - idx - 1)))
             logger.info(
-                f'Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{num_steps}]\t'
+                f'Train: [{run.epoch}/{config.TRAIN.EPOCHS}][{idx}/{steps_per_epoch}]\t'
                 f'eta {eta} lr {lr:.3e}\t time {batch_time.val:.4f} ({batch_time.avg:.4f})\t'
                 f'data {data_time.val:.4f} ({data_time.avg:.4f})\t loss {loss_avg:.4f}\t'
                 f'grad_norm {norm_avg:.4f}\t mem {memory_used_mb(device):.0f}MB')
             if writer is not None:
-                step = epoch * num_steps + idx
+                step = run.epoch * steps_per_epoch + idx
                 writer.add_scalar('train/loss', loss_avg, step)
                 writer.add_scalar('train/lr', lr, step)
                 writer.add_scalar('train/grad_norm', norm_avg, step)
@@ -139,10 +245,17 @@ def train_one_epoch(config, model, criterion, loader, optimizer, epoch, mixup_fn
             loss_sum.zero_()
             norm_sum.zero_()
             loss_count = norm_count = 0
+        # One process checks its flag each step for free; several agree on it at the print interval.
+        if update and idx + 1 < steps_per_epoch and (stop.signum if not is_distributed() else
+                                                     print_now and stop.agreed(device)):
+            return False
+    check_nonfinite(config, run, steps_per_epoch)
+    run.step = steps_per_epoch
     epoch_time = time.time() - start
-    logger.info(f'EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}')
+    logger.info(f'EPOCH {run.epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}')
     if writer is not None:
-        writer.add_scalar('train/epoch_time', epoch_time, epoch)
+        writer.add_scalar('train/epoch_time', epoch_time, run.epoch)
+    return True
 
 
 @torch.no_grad()
@@ -186,27 +299,22 @@ def throughput(config, model, device, logger: logging.Logger) -> float:
     return rate
 
 
-def checkpoint_state(config, model, optimizer, lr_scheduler, scaler, ema, epoch: int, max_accuracy: float) -> dict:
-    """Everything a resume needs, as plain data (loads with weights_only=True)."""
-    return {
-        'model': unwrap_model(model).state_dict(), 'optimizer': optimizer.state_dict(),
-        'lr_scheduler': lr_scheduler.state_dict(), 'scaler': scaler.state_dict(),
-        'ema': unwrap_model(ema.module).state_dict() if ema is not None else None,
-        'epoch': epoch, 'max_accuracy': max_accuracy, 'config': config.dump(),
-    }
-
-
-def resume(path: str, model, optimizer, lr_scheduler, scaler, ema, logger) -> Tuple[int, float]:
-    """Restore a training checkpoint; returns (next epoch, best top-1 so far)."""
-    checkpoint = load_checkpoint_file(path)
-    load_model_weights(unwrap_model(model), path, logger)
-    optimizer.load_state_dict(checkpoint['optimizer'])
-    lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-    scaler.load_state_dict(checkpoint['scaler'])
-    if ema is not None and checkpoint.get('ema') is not None:
-        unwrap_model(ema.module).load_state_dict(checkpoint['ema'])
-    logger.info(f"resumed from {path} (epoch {checkpoint['epoch']}, best top-1 {checkpoint['max_accuracy']:.2f}%)")
-    return checkpoint['epoch'] + 1, checkpoint['max_accuracy']
+def save(config, run: Run, out_dir: str, rank: int, logger, is_best: bool = False, epoch_complete: bool = True) -> None:
+    """Checkpoint the run (rank 0 writes; every rank contributes its random state). Non-finite
+    weights are never written: the last good checkpoint stays."""
+    rng_states = [rng_state()]
+    if is_distributed():
+        rng_states = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(rng_states, rng_state())
+    if rank != 0:
+        return
+    state = run.state_dict(config, rng_states)
+    if not all_finite(state['model']):
+        raise NonFiniteLossError(f'the weights or BatchNorm statistics are non-finite at epoch {run.epoch} step '
+                                 f'{run.step}; not saving them, the last good checkpoint in {out_dir} is kept')
+    periodic = epoch_complete and config.SAVE_FREQ > 0 and (
+        (run.epoch + 1) % config.SAVE_FREQ == 0 or run.epoch + 1 == config.TRAIN.EPOCHS)
+    save_checkpoint(out_dir, state, run.epoch, is_best, periodic, logger)
 
 
 def seed_everything(seed: int) -> None:
@@ -215,11 +323,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def prepare_output(config) -> str:
+    """Create the run folder and check that it can be written, before any work is done."""
+    out_dir = output_dir(config)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f'.write_test{os.getpid()}')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UserInputError(f'cannot write to the output folder {out_dir} (--output / OUTPUT): {error}') from error
+    return out_dir
+
+
 def main(config) -> None:
     rank, world_size, device = init_distributed(config.DEVICE)
     seed_everything(config.SEED + rank)
-    out_dir = output_dir(config)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = prepare_output(config)
     logger = create_logger(out_dir, rank, name=config.MODEL.NAME)
     writer = SummaryWriter(out_dir) if rank == 0 and not (config.EVAL_MODE or config.THROUGHPUT_MODE) else None
 
@@ -238,7 +359,10 @@ def main(config) -> None:
     logger.info(f'config:\n{config.dump()}')
     logger.info(f'{world_size} process(es) on {device}; {torch.get_num_threads()} CPU threads per process')
 
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except ValueError as error:
+        raise ConfigError(f'MODEL: {error}') from error
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     macs = count_macs(model, (config.DATA.IN_CHANS, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE))
     logger.info(f'{config.MODEL.NAME}: {n_params:,} parameters, {macs / 1e9:.3f} GMACs at {config.DATA.IMG_SIZE}px '
@@ -254,7 +378,7 @@ def main(config) -> None:
         return
     if config.EVAL_MODE:
         if not config.MODEL.RESUME:
-            raise ValueError('--eval needs a checkpoint: pass --resume CKPT')
+            raise UserInputError('--eval needs a checkpoint: pass --resume CKPT')
         load_model_weights(model, config.MODEL.RESUME, logger)
         acc1, acc5, loss = validate(config, torch.compile(model) if config.COMPILE else model, loader_val, device)
         logger.info(f'Accuracy of the network on the {len(dataset_val)} test images: {acc1:.2f}% '
@@ -265,51 +389,82 @@ def main(config) -> None:
         load_model_weights(model, config.MODEL.PRETRAINED, logger, drop_head=True)
     if device.type == 'cuda' and world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ema = ModelEmaV3(model, decay=config.MODEL.EMA.DECAY) if config.MODEL.EMA.ENABLE else None
     base_lr, warmup_lr, min_lr = scaled_lrs(config, world_size)
     logger.info(f'LR scaled to the total batch: base {base_lr:.3e}, warm-up {warmup_lr:.3e}, min {min_lr:.3e}')
     optimizer = build_optimizer(config, model, base_lr)
-    lr_scheduler = build_scheduler(config, optimizer, len(loader_train), warmup_lr, min_lr)
-    use_fp16 = device.type == 'cuda' and config.AMP_ENABLE and config.AMP_DTYPE == 'fp16'
-    scaler = torch.amp.GradScaler(device.type, enabled=use_fp16)
+    steps_per_epoch = len(loader_train)
+    loss_scaling = device.type == 'cuda' and config.AMP_ENABLE and config.AMP_DTYPE == 'fp16'
     train_model = DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
         if world_size > 1 else model
-    if config.COMPILE:
-        train_model = torch.compile(train_model)
+    run = Run(
+        model=model, train_model=torch.compile(train_model) if config.COMPILE else train_model, optimizer=optimizer,
+        lr_scheduler=build_scheduler(config, optimizer, steps_per_epoch, warmup_lr, min_lr),
+        # Without fp16 the scaler keeps scale 1 and serves to skip non-finite steps on the device.
+        scaler=torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if loss_scaling else 1.0),
+        loss_scaling=loss_scaling,
+        ema=ModelEmaV3(model, decay=config.MODEL.EMA.DECAY) if config.MODEL.EMA.ENABLE else None,
+        epoch=config.TRAIN.START_EPOCH,
+        nonfinite_steps=torch.zeros((), dtype=torch.long, device=device),
+        first_nonfinite=torch.full((), -1, dtype=torch.long, device=device))
 
-    resume_path = config.MODEL.RESUME or (find_resume_checkpoint(out_dir) if config.TRAIN.AUTO_RESUME else None)
-    start_epoch, max_accuracy = config.TRAIN.START_EPOCH, 0.0
-    if resume_path:
-        start_epoch, max_accuracy = resume(resume_path, model, optimizer, lr_scheduler, scaler, ema, logger)
+    if config.MODEL.RESUME:
+        run.load_state_dict(load_checkpoint_file(config.MODEL.RESUME), config.MODEL.RESUME, rank, world_size, logger)
+    elif config.TRAIN.AUTO_RESUME:
+        path, checkpoint = load_resume_checkpoint(out_dir, logger)
+        if path:
+            run.load_state_dict(checkpoint, path, rank, world_size, logger)
+    if run.step >= steps_per_epoch:
+        run.epoch, run.step = run.epoch + 1, 0
 
     criterion = build_criterion(config, mixup_fn)
+    stop = StopSignal(logger)
     logger.info('start training')
     start_time = time.time()
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        train_one_epoch(config, train_model, criterion, loader_train, optimizer, epoch, mixup_fn, lr_scheduler,
-                        scaler, ema, device, logger, writer)
-        acc1, acc5, loss = validate(config, train_model, loader_val, device)
+    while run.epoch < config.TRAIN.EPOCHS:
+        if not train_one_epoch(config, run, criterion, loader_train, steps_per_epoch, mixup_fn, device, logger,
+                               writer, stop):
+            save(config, run, out_dir, rank, logger, epoch_complete=False)
+            raise Preempted(f'stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} at epoch {run.epoch} '
+                            f'step {run.step}/{steps_per_epoch}; saved {os.path.join(out_dir, "ckpt_last.pth")}. '
+                            'Run the same command again to continue from there.', stop.signum or signal.SIGTERM)
+        acc1, acc5, loss = validate(config, run.train_model, loader_val, device)
         logger.info(f'Accuracy of the network on the {len(dataset_val)} test images: {acc1:.2f}% '
                     f'(top-5 {acc5:.2f}%, loss {loss:.4f})')
-        if ema is not None:
-            ema_acc1, _, _ = validate(config, ema.module, loader_val, device)
+        if run.ema is not None:
+            ema_acc1, _, _ = validate(config, run.ema.module, loader_val, device)
             logger.info(f'EMA accuracy: {ema_acc1:.2f}%')
-        is_best = acc1 > max_accuracy
-        max_accuracy = max(max_accuracy, acc1)
-        logger.info(f'Max accuracy: {max_accuracy:.2f}%')
+        is_best = acc1 > run.max_accuracy
+        run.max_accuracy = max(run.max_accuracy, acc1)
+        logger.info(f'Max accuracy: {run.max_accuracy:.2f}%')
         if writer is not None:
             for name, value in (('val/acc1', acc1), ('val/acc5', acc5), ('val/loss', loss)):
-                writer.add_scalar(name, value, epoch)
-            if ema is not None:
-                writer.add_scalar('val/ema_acc1', ema_acc1, epoch)
-        if rank == 0:
-            state = checkpoint_state(config, model, optimizer, lr_scheduler, scaler, ema, epoch, max_accuracy)
-            save_checkpoint(out_dir, state, epoch, is_best, config.SAVE_FREQ, config.TRAIN.EPOCHS, logger)
+                writer.add_scalar(name, value, run.epoch)
+            if run.ema is not None:
+                writer.add_scalar('val/ema_acc1', ema_acc1, run.epoch)
+        save(config, run, out_dir, rank, logger, is_best=is_best)
+        run.epoch, run.step = run.epoch + 1, 0
     logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     if writer is not None:
         writer.close()
 
 
+def one_line(error: BaseException) -> str:
+    """The message of an input error on one line (errors raised in data-loader workers arrive with
+    the worker's traceback in their text; keep its last line)."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return last.split(f'{type(error).__name__}: ', 1)[-1]
+
+
 if __name__ == '__main__':
-    _, cfg = parse_option()
-    main(cfg)
+    debug = '--debug' in sys.argv
+    try:
+        _, cfg = parse_option()
+        main(cfg)
+    except Preempted as stopped:
+        print(stopped.args[0], file=sys.stderr, flush=True)
+        sys.exit(128 + stopped.args[1])
+    except (ConfigError, DataError, UserInputError, NonFiniteLossError) as error:
+        if debug:
+            raise
+        print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
+        sys.exit(2)

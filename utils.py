@@ -4,9 +4,11 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import random
 import resource
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -15,6 +17,11 @@ from models import checkpoint_filter_fn
 
 CHECKPOINT_LAST = 'ckpt_last.pth'
 CHECKPOINT_BEST = 'ckpt_best.pth'
+CHECKPOINT_KEYS = ('model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'step', 'rng')
+
+
+class UserInputError(Exception):
+    """A problem with what the user gave (paths, config, data, checkpoints): reported as one line."""
 
 
 # --- distributed -------------------------------------------------------------------------------
@@ -82,38 +89,84 @@ def atomic_save(obj: dict, path: str) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(out_dir: str, state: dict, epoch: int, is_best: bool, save_freq: int, total_epochs: int,
+def save_checkpoint(out_dir: str, state: dict, epoch: int, is_best: bool, periodic: bool,
                     logger: logging.Logger) -> None:
-    """Write ckpt_epoch_N.pth every ``save_freq`` epochs, ckpt_best.pth when ``is_best``, and always
+    """Write ckpt_epoch_N.pth when ``periodic``, ckpt_best.pth when ``is_best``, and always
     ckpt_last.pth, last, so that it is the newest file."""
-    if save_freq > 0 and ((epoch + 1) % save_freq == 0 or epoch + 1 == total_epochs):
+    if periodic:
         atomic_save(state, os.path.join(out_dir, f'ckpt_epoch_{epoch}.pth'))
     if is_best:
         atomic_save(state, os.path.join(out_dir, CHECKPOINT_BEST))
     last = os.path.join(out_dir, CHECKPOINT_LAST)
     atomic_save(state, last)
-    logger.info(f'saved {last} (epoch {epoch})')
+    logger.info(f'saved {last} (epoch {epoch}, step {state["step"]})')
 
 
-def find_resume_checkpoint(out_dir: str) -> Optional[str]:
-    """The newest training checkpoint in ``out_dir`` (ckpt_best.pth aside), or None."""
-    candidates = [p for p in glob.glob(os.path.join(out_dir, 'ckpt_*.pth'))
-                  if os.path.basename(p) != CHECKPOINT_BEST]
-    return max(candidates, key=os.path.getmtime) if candidates else None
+def load_resume_checkpoint(out_dir: str, logger: logging.Logger) -> Tuple[Optional[str], Optional[dict]]:
+    """The newest training checkpoint in ``out_dir`` that loads and is complete (ckpt_best.pth aside),
+    with its path; an unreadable or incomplete newer file is reported and skipped."""
+    candidates = [p for p in glob.glob(os.path.join(out_dir, 'ckpt_*.pth')) if os.path.basename(p) != CHECKPOINT_BEST]
+    for path in sorted(candidates, key=os.path.getmtime, reverse=True):
+        try:
+            checkpoint = load_checkpoint_file(path)
+            missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+            if missing:
+                raise ValueError(f'missing {", ".join(missing)}')
+        except Exception as error:  # a torn or foreign file must not stop the resume
+            logger.warning(f'skipping checkpoint {path}: it is unreadable or incomplete ({type(error).__name__}: '
+                           f'{str(error).splitlines()[0] if str(error) else ""})')
+            continue
+        return path, checkpoint
+    return None, None
+
+
+def all_finite(state_dict: dict) -> bool:
+    """Whether every floating-point tensor of ``state_dict`` is finite."""
+    return all(torch.isfinite(t).all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point())
+
+
+def rng_state() -> dict:
+    """The python, numpy, torch and CUDA random states, as plain data."""
+    np_state = np.random.get_state()
+    return {
+        'python': random.getstate(),
+        'numpy': {'keys': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` captured."""
+    random.setstate(state['python'])
+    np_state = state['numpy']
+    np.random.set_state(('MT19937', np_state['keys'].numpy().astype(np.uint32), np_state['pos'],
+                         np_state['has_gauss'], np_state['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def load_checkpoint_file(path: str) -> dict:
     """Load a checkpoint without running code from it (weights_only)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    return torch.load(path, map_location='cpu', weights_only=True)
+        raise UserInputError(f'checkpoint not found: {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserInputError(f'cannot read checkpoint {path} (truncated, corrupt or not a plain-data torch '
+                             f'checkpoint): {first_line}') from error
 
 
-def load_model_weights(model: nn.Module, path: str, logger: logging.Logger, drop_head: bool = False) -> dict:
+def load_model_weights(model: nn.Module, path: str, logger: logging.Logger, drop_head: bool = False,
+                       checkpoint: Optional[dict] = None) -> dict:
     """Load weights from this project's checkpoints, the authors' ({'model': ...} with their keys)
     or a bare state dict. ``drop_head`` re-initialises a classifier of another class count (fine-tuning);
-    otherwise any mismatch is an error naming the keys. Returns the raw checkpoint."""
-    checkpoint = load_checkpoint_file(path)
+    otherwise any mismatch is an error naming the keys. ``checkpoint``: the file's contents when
+    already loaded. Returns the raw checkpoint."""
+    checkpoint = load_checkpoint_file(path) if checkpoint is None else checkpoint
     state = checkpoint_filter_fn(checkpoint)
     own = model.state_dict()
     if drop_head:
@@ -130,7 +183,7 @@ def load_model_weights(model: nn.Module, path: str, logger: logging.Logger, drop
                                                 ('shape mismatch', [f'{k} {tuple(state[k].shape)} vs '
                                                                     f'{tuple(own[k].shape)}' for k in mismatched]))
                             if keys)
-        raise ValueError(f'{path} does not fit this model (MODEL.FAT / MODEL.NUM_CLASSES): {details}')
+        raise UserInputError(f'{path} does not fit this model (check MODEL.FAT and MODEL.NUM_CLASSES): {details}')
     model.load_state_dict(state)
     logger.info(f'loaded weights from {path}')
     return checkpoint

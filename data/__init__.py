@@ -1,4 +1,4 @@
 """Data sets, transforms and samplers; build_loader(config) is the single entry point."""
-from .build import build_loader, build_transform
+from .build import DataError, build_loader, build_transform
 
-__all__ = ['build_loader', 'build_transform']
+__all__ = ['DataError', 'build_loader', 'build_transform']
