@@ -60,11 +60,11 @@ class StopSignal:
             self.logger.info(f'received {signal.Signals(signum).name}: stopping after this step to save a checkpoint')
 
     def agreed(self, device: torch.device) -> int:
-        """The signal number if any process was signalled (all processes agree; one collective)."""
+        """The signal if any process was signalled (all processes agree; one collective), else 0."""
         if not is_distributed():
             return self.signum
         flag = torch.tensor([self.signum], device=device)
-        return int(all_reduce_sum(flag).item() and max(self.signum, signal.SIGTERM))
+        return (self.signum or signal.SIGTERM) if all_reduce_sum(flag).item() > 0 else 0
 
 
 def parse_option() -> Tuple[argparse.Namespace, object]:

@@ -6,7 +6,7 @@ of the plain PyTorch layer whatever implementation runs it. On CUDA tensors it c
 project's own extension (``kernels/dwconv``) instead of cuDNN, chosen by ``impl``:
 
 - ``'auto'``: our kernel where it is built, passed its first-use self-check on that device and is
-  the faster choice for the shape; PyTorch otherwise.
+  the faster choice for the shape; PyTorch otherwise (and always inside ``torch.compile``).
 - ``'torch'``: always ``F.conv2d``.
 - ``'cuda'``: always our kernel on CUDA tensors; an error if it cannot be used.
 """
@@ -46,13 +46,16 @@ class DepthwiseConv2d(nn.Conv2d):
         kernels = _kernels()
         k, s = self.kernel_size[0], self.stride[0]
         if self.impl == 'cuda':
+            if kernels is not None and not kernels.supports(k, s):
+                raise RuntimeError(f'MODEL.DWCONV_IMPL "cuda" has no kernel for size {k} stride {s} '
+                                   '(it supports odd sizes 3..31, stride 1 or 2); use "auto"')
             if kernels is None or not kernels.is_usable(x.device):
                 raise RuntimeError(
                     'MODEL.DWCONV_IMPL is "cuda" but the depthwise-conv extension in kernels/dwconv '
                     'could not be built or failed its self-check on this device; see the warning above, '
                     'or use "auto" to fall back to PyTorch')
             return True
-        return (kernels is not None and kernels.preferred(k, s, x.dtype)
+        return (kernels is not None and kernels.supports(k, s) and kernels.preferred(k, s, x.dtype)
                 and kernels.is_usable(x.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

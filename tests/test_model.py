@@ -358,7 +358,7 @@ def test_dwconv_dispatches_to_extension_only_on_cuda(monkeypatch):
 
     calls = []
     fake = types.SimpleNamespace(
-        is_usable=lambda device: True,
+        is_usable=lambda device: True, supports=lambda k, s: True,
         preferred=lambda k, s, dtype: k >= 7,
         depthwise_conv2d=lambda x, w, b, s: calls.append((w.shape, s)) or F.conv2d(x, w, b, s, w.shape[-1] // 2, 1, w.shape[0]),
     )
@@ -381,7 +381,8 @@ def test_dwconv_cuda_impl_fails_loudly_when_extension_unusable(monkeypatch):
     import types
     from models import dwconv
 
-    unusable = types.SimpleNamespace(is_usable=lambda device: False, preferred=lambda k, s, dtype: True)
+    unusable = types.SimpleNamespace(is_usable=lambda device: False, preferred=lambda k, s, dtype: True,
+                                     supports=lambda k, s: True)
     monkeypatch.setattr(dwconv, '_kernels', lambda: unusable)
     cuda_input = types.SimpleNamespace(is_cuda=True, device=torch.device('cuda', 0), dtype=torch.float32)
     with pytest.raises(RuntimeError, match='DWCONV_IMPL'):

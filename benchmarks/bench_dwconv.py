@@ -1,0 +1,100 @@
+"""Our depthwise-conv CUDA kernel against F.conv2d (cuDNN) at FAT's real shapes.
+
+Batch 128 at 224x224: each stage's positional-encoding / local-branch conv (FAT-B0 widths, kernels
+3/5/7/9), the ConvFFN's 5x5 at 4x width, and the 5x5 stride-2 cases (shortcut, strided FFN, refined
+downsampling). Times forward, backward and forward+backward with CUDA events after warm-up, and
+prints cuDNN time / ours (above 1: ours is faster).
+
+    python benchmarks/bench_dwconv.py                       # fp16, bf16, fp32; NCHW and channels_last
+    python benchmarks/bench_dwconv.py --dtype bf16 --layout channels_last --quick
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}
+WIDTHS = (32, 80, 160, 256)
+SIZES = (56, 28, 14, 7)
+
+
+def fat_shapes() -> list:
+    """(name, channels, size, kernel, stride) of every depthwise conv kind in FAT-B0 at 224x224."""
+    shapes = []
+    for stage, (c, hw, k) in enumerate(zip(WIDTHS, SIZES, (3, 5, 7, 9))):
+        shapes.append((f's{stage} cpe/local k{k}', c, hw, k, 1))
+        shapes.append((f's{stage} ffn 5x5', 4 * c, hw, 5, 1))
+        if stage < 3:
+            shapes.append((f's{stage} shortcut 5x5/2', c, hw, 5, 2))
+            shapes.append((f's{stage} ffn 5x5/2', 4 * c, hw, 5, 2))
+    for c, hw in zip(WIDTHS[:3], SIZES[:3]):
+        while hw > 7:  # refined downsampling chains down to 7x7
+            shapes.append((f'pool {c}@{hw} 5x5/2', c, hw, 5, 2))
+            hw = (hw + 1) // 2
+    return shapes
+
+
+def time_ms(fn, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def measure(op, x, w, b, stride, iters):
+    out = op(x, w, b, stride)
+    grad = torch.randn_like(out)
+    fwd = time_ms(lambda: op(x, w, b, stride), iters)
+    bwd_total = time_ms(lambda: torch.autograd.grad(op(x, w, b, stride), (x, w, b), grad), iters)
+    return fwd, bwd_total - fwd, bwd_total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--dtype', choices=list(DTYPES), nargs='+', default=list(DTYPES))
+    parser.add_argument('--layout', choices=['nchw', 'channels_last'], nargs='+', default=['nchw', 'channels_last'])
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--quick', action='store_true', help='fewer iterations')
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print('bench_dwconv: no CUDA GPU here; this benchmark needs one (the harness is ready).')
+        return
+    import kernels.dwconv as dwconv
+    if not dwconv.is_usable(torch.device('cuda')):
+        print('bench_dwconv: the extension is not usable on this GPU (see the warning above).')
+        return
+    torch.backends.cudnn.benchmark = True
+    iters = 10 if args.quick else 50
+    cudnn = lambda x, w, b, s: F.conv2d(x, w, b, s, w.shape[-1] // 2, 1, x.shape[1])  # noqa: E731
+    print(f'# {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}; '
+          'ratio = cuDNN ms / ours ms (above 1: ours faster)')
+    print('| shape | dtype | layout | cuDNN fwd ms | ours fwd ms | fwd ratio | bwd ratio | fwd+bwd ratio |')
+    print('|---|---|---|---|---|---|---|---|')
+    for dtype_name in args.dtype:
+        for layout in args.layout:
+            fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
+            for name, c, hw, k, s in fat_shapes():
+                dtype = DTYPES[dtype_name]
+                x = torch.randn(args.batch, c, hw, hw, device='cuda', dtype=dtype).to(memory_format=fmt)
+                x.requires_grad_()
+                w = torch.randn(c, 1, k, k, device='cuda', dtype=dtype, requires_grad=True)
+                b = torch.randn(c, device='cuda', dtype=dtype, requires_grad=True)
+                ref = measure(cudnn, x, w, b, s, iters)
+                ours = measure(dwconv.depthwise_conv2d, x, w, b, s, iters)
+                print(f'| {name} | {dtype_name} | {layout} | {ref[0]:.3f} | {ours[0]:.3f} | {ref[0] / ours[0]:.2f} | '
+                      f'{ref[1] / ours[1]:.2f} | {ref[2] / ours[2]:.2f} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()

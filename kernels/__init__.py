@@ -1,0 +1,1 @@
+"""Compiled extensions used by the model; each in its own folder with sources, setup.py and a test."""
