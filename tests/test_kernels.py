@@ -140,3 +140,11 @@ def test_model_runs_on_our_kernel_under_autocast(extension):
     torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@needs_gpu
+def test_more_planes_than_a_grid_dimension_holds(extension):
+    x = torch.randn(128, 520, 8, 8, device='cuda', dtype=torch.float16)  # N * C = 66,560 > 65,535
+    w = torch.randn(520, 1, 5, 5, device='cuda', dtype=torch.float16)
+    torch.testing.assert_close(dwconv.depthwise_conv2d(x, w, None, 2).float(),
+                               reference_op(x.float(), w.float(), None, 2), rtol=1e-2, atol=5e-2)

@@ -4,7 +4,8 @@
 //
 // Odd K in 3..31, stride S in {1, 2}; fp32, fp16 and bf16 tensors with fp32 accumulation. Tensors
 // are NCHW-contiguous here: the Python wrapper converts channels_last inputs and converts back.
-// Every kernel works on one (n, c) plane per blockIdx.z and stages its input window in shared memory.
+// The tiled kernels take one (n, c) plane per blockIdx.x (N * C can exceed gridDim.y/z's 65535) and a
+// tile of it per (blockIdx.y, blockIdx.z), staged with its halo in shared memory.
 #include <torch/extension.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -31,8 +32,8 @@ __global__ void dwconv_forward_kernel(const scalar_t* __restrict__ x, const scal
   acc_t* wsh = tile + ((kTileH - 1) * S + K) * ((kTileW - 1) * S + K);
   const int in_h = (kTileH - 1) * S + K, in_w = (kTileW - 1) * S + K;
 
-  const int plane = blockIdx.z, c = plane % C;
-  const int oy0 = blockIdx.y * kTileH, ox0 = blockIdx.x * kTileW;
+  const int plane = blockIdx.x, c = plane % C;
+  const int oy0 = blockIdx.y * kTileH, ox0 = blockIdx.z * kTileW;
   const int iy0 = oy0 * S - P, ix0 = ox0 * S - P;
   const scalar_t* xp = x + static_cast<int64_t>(plane) * H * W;
   const int tid = threadIdx.y * blockDim.x + threadIdx.x, nthreads = blockDim.x * blockDim.y;
@@ -71,8 +72,8 @@ __global__ void dwconv_input_grad_kernel(const scalar_t* __restrict__ dy, const 
   acc_t* wsh = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* tile = wsh + K * K;
   // Output rows/cols that touch input rows iy0 .. iy0 + kTileH - 1 (likewise columns).
-  const int plane = blockIdx.z, c = plane % C;
-  const int iy0 = blockIdx.y * kTileH, ix0 = blockIdx.x * kTileW;
+  const int plane = blockIdx.x, c = plane % C;
+  const int iy0 = blockIdx.y * kTileH, ix0 = blockIdx.z * kTileW;
   const int oy_lo = (iy0 + P - (K - 1) + S * 4096) / S - 4096;  // floor division for negatives
   const int ox_lo = (ix0 + P - (K - 1) + S * 4096) / S - 4096;
   const int t_h = (kTileH - 1 + K - 1) / S + 2, t_w = (kTileW - 1 + K - 1) / S + 2;
@@ -154,7 +155,7 @@ void launch_forward(const torch::Tensor& x, const torch::Tensor& w, const torch:
   using acc_t = at::opmath_type<scalar_t>;
   const int N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ho = y.size(2), Wo = y.size(3);
   const dim3 block(kTileW, kThreadsY);
-  const dim3 grid((Wo + kTileW - 1) / kTileW, (Ho + kTileH - 1) / kTileH, N * C);
+  const dim3 grid(N * C, (Ho + kTileH - 1) / kTileH, (Wo + kTileW - 1) / kTileW);
   const size_t smem = sizeof(acc_t) * (((kTileH - 1) * S + K) * ((kTileW - 1) * S + K) + K * K);
   auto stream = at::cuda::getCurrentCUDAStream();
   const scalar_t* bp = b ? b->data_ptr<scalar_t>() : nullptr;
@@ -199,7 +200,7 @@ torch::Tensor dwconv_input_grad(torch::Tensor dy, torch::Tensor w, int64_t H, in
   auto dx = torch::empty({N, C, H, W}, dy.options());
   if (dx.numel() == 0) return dx;
   const dim3 block(kTileW, kThreadsY);
-  const dim3 grid((W + kTileW - 1) / kTileW, (H + kTileH - 1) / kTileH, N * C);
+  const dim3 grid(N * C, (H + kTileH - 1) / kTileH, (W + kTileW - 1) / kTileW);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "dwconv_input_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
