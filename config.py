@@ -116,8 +116,9 @@ _C.TEST.CROP_PCT = 0.875  # centre-crop ratio (224 / 256)
 # Run
 # -----------------------------------------------------------------------------------------------
 _C.DEVICE = ''  # cuda or cpu; empty picks cuda when available
-_C.AMP_ENABLE = True  # mixed precision with torch.amp on CUDA (CPU runs in fp32)
-_C.AMP_DTYPE = 'bf16'  # bf16 (no loss scaling) or fp16 (with GradScaler)
+_C.AMP_ENABLE = True  # mixed precision with torch.amp on CUDA (AMP_DTYPE); on CPU only with AMP_CPU
+_C.AMP_DTYPE = 'bf16'  # CUDA autocast type: bf16 (no loss scaling) or fp16 (with GradScaler)
+_C.AMP_CPU = False  # with AMP_ENABLE, bf16 autocast on CPU too (off: slower than fp32 for FAT on the CPUs measured)
 _C.COMPILE = False  # torch.compile the model
 _C.CHANNELS_LAST = False  # channels_last memory format for model and inputs
 _C.OUTPUT = 'output'  # root of run folders: OUTPUT/MODEL.NAME/TAG
@@ -127,7 +128,17 @@ _C.PRINT_FREQ = 10  # steps between log lines
 _C.SEED = 0  # random seed (offset by rank)
 _C.EVAL_MODE = False  # only validate MODEL.RESUME
 _C.THROUGHPUT_MODE = False  # only measure inference throughput
-_C.LOCAL_RANK = 0  # set from the environment by torchrun
+
+# Keys that take one of a few words; checked after every merge so a typo is named before any work.
+_CHOICES = {
+    'DEVICE': ('', 'cuda', 'cpu'),
+    'AMP_DTYPE': ('bf16', 'fp16'),
+    'DATA.DATASET': ('imagenet', 'digits'),
+    'DATA.INTERPOLATION': ('random', 'nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos'),
+    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
+    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
+}
 
 
 class ConfigError(Exception):
@@ -154,6 +165,7 @@ def _update_config_from_file(config: CN, cfg_file: str) -> None:
         config.merge_from_file(cfg_file)
     except (KeyError, ValueError, AssertionError) as error:
         raise ConfigError(f'{cfg_file}: {_yacs_message(error)}') from error
+    _check_choices(config, cfg_file)
     config.freeze()
 
 
@@ -162,6 +174,15 @@ def _yacs_message(error: Exception) -> str:
     if 'Non-existent' in message:
         return f'{message} (a misspelt key? every key is listed with its meaning in config.py)'
     return message
+
+
+def _check_choices(config: CN, source: str) -> None:
+    for key, choices in _CHOICES.items():
+        value = config
+        for part in key.split('.'):
+            value = value[part]
+        if value not in choices:
+            raise ConfigError(f'{source}: {key} is {value!r}; choose one of {", ".join(map(repr, choices))}')
 
 
 def update_config(config: CN, args: argparse.Namespace) -> None:
@@ -191,7 +212,7 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
     for arg, (key, value) in switches.items():
         if getattr(args, arg, False):
             config.merge_from_list([key, value])
-    config.LOCAL_RANK = int(os.environ.get('LOCAL_RANK', 0))
+    _check_choices(config, '--opts')
     config.freeze()
 
 

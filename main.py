@@ -92,11 +92,17 @@ def parse_option() -> Tuple[argparse.Namespace, object]:
     return args, get_config(args)
 
 
+def amp_dtype(config, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast type: AMP_DTYPE on CUDA, bf16 on CPU when AMP_CPU; None runs in fp32."""
+    if not config.AMP_ENABLE or (device.type == 'cpu' and not config.AMP_CPU):
+        return None
+    return torch.float16 if device.type == 'cuda' and config.AMP_DTYPE == 'fp16' else torch.bfloat16
+
+
 def autocast(config, device: torch.device):
-    """Mixed precision on CUDA (AMP_DTYPE); CPU runs in fp32."""
-    if device.type != 'cuda' or not config.AMP_ENABLE:
-        return nullcontext()
-    return torch.autocast('cuda', dtype=torch.bfloat16 if config.AMP_DTYPE == 'bf16' else torch.float16)
+    """torch.amp autocast to ``amp_dtype``, or nothing in fp32."""
+    dtype = amp_dtype(config, device)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def to_device(samples: torch.Tensor, config, device: torch.device) -> torch.Tensor:
@@ -353,11 +359,14 @@ def main(config) -> None:
             config.MODEL.NUM_CLASSES = num_classes
             config.freeze()
         logger.info(f'{len(dataset_train)} training and {len(dataset_val)} validation images, {num_classes} classes')
-    if rank == 0:
+    # Only training writes config.yaml: an --eval or --throughput run in the same folder keeps it.
+    if rank == 0 and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
         with open(os.path.join(out_dir, 'config.yaml'), 'w') as f:
             f.write(config.dump())
     logger.info(f'config:\n{config.dump()}')
-    logger.info(f'{world_size} process(es) on {device}; {torch.get_num_threads()} CPU threads per process')
+    precision = amp_dtype(config, device)
+    logger.info(f'{world_size} process(es) on {device}; {torch.get_num_threads()} CPU threads per process; '
+                f'{"autocast " + str(precision).split(".")[-1] if precision else "fp32"}')
 
     try:
         model = build_model(config)

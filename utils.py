@@ -31,7 +31,7 @@ def init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
     NCCL on CUDA and gloo on CPU; a plain ``python main.py`` runs as one process without one."""
     use_cuda = device_name == 'cuda' or (not device_name and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError('DEVICE is cuda but no CUDA device is visible; use --device cpu')
+        raise UserInputError('DEVICE (--device) is cuda but no CUDA device is visible; use --device cpu')
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
     if use_cuda:

@@ -7,6 +7,9 @@ prints cuDNN time / ours (above 1: ours is faster).
 
     python benchmarks/bench_dwconv.py                       # fp16, bf16, fp32; NCHW and channels_last
     python benchmarks/bench_dwconv.py --dtype bf16 --layout channels_last --quick
+
+The last column says whether MODEL.DWCONV_IMPL 'auto' picks ours (kernels.dwconv.preferred): where it
+says yes, the fwd+bwd ratio must be at least 1; update PREFERRED_CASES in kernels/dwconv from this table.
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ def main() -> None:
     parser.add_argument('--quick', action='store_true', help='fewer iterations')
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print('bench_dwconv: no CUDA GPU here; this benchmark needs one (the harness is ready).')
+        print('bench_dwconv: no CUDA GPU is visible, so there is nothing to time; run it on a GPU machine.')
         return
     import kernels.dwconv as dwconv
     if not dwconv.is_usable(torch.device('cuda')):
@@ -79,8 +82,9 @@ def main() -> None:
     cudnn = lambda x, w, b, s: F.conv2d(x, w, b, s, w.shape[-1] // 2, 1, x.shape[1])  # noqa: E731
     print(f'# {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.batch}; '
           'ratio = cuDNN ms / ours ms (above 1: ours faster)')
-    print('| shape | dtype | layout | cuDNN fwd ms | ours fwd ms | fwd ratio | bwd ratio | fwd+bwd ratio |')
-    print('|---|---|---|---|---|---|---|---|')
+    print('| shape | dtype | layout | cuDNN fwd+bwd ms | ours fwd+bwd ms | fwd ratio | bwd ratio | fwd+bwd ratio '
+          '| auto picks ours |')
+    print('|---|---|---|---|---|---|---|---|---|')
     for dtype_name in args.dtype:
         for layout in args.layout:
             fmt = torch.channels_last if layout == 'channels_last' else torch.contiguous_format
@@ -92,8 +96,10 @@ def main() -> None:
                 b = torch.randn(c, device='cuda', dtype=dtype, requires_grad=True)
                 ref = measure(cudnn, x, w, b, s, iters)
                 ours = measure(dwconv.depthwise_conv2d, x, w, b, s, iters)
-                print(f'| {name} | {dtype_name} | {layout} | {ref[0]:.3f} | {ours[0]:.3f} | {ref[0] / ours[0]:.2f} | '
-                      f'{ref[1] / ours[1]:.2f} | {ref[2] / ours[2]:.2f} |', flush=True)
+                auto = 'yes' if dwconv.preferred(k, s, dtype) else 'no'
+                print(f'| {name} | {dtype_name} | {layout} | {ref[2]:.3f} | {ours[2]:.3f} | {ref[0] / ours[0]:.2f} | '
+                      f'{ref[1] / ours[1]:.2f} | {ref[2] / ours[2]:.2f} | {auto} |', flush=True)
+                del x, w, b
 
 
 if __name__ == '__main__':

@@ -15,8 +15,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from config import get_config, scaled_lrs  # noqa: E402
+from config import ConfigError, get_config, scaled_lrs  # noqa: E402
 from lr_scheduler import build_scheduler  # noqa: E402
+from main import amp_dtype  # noqa: E402
 from models import build_model  # noqa: E402
 from optimizer import build_optimizer  # noqa: E402
 
@@ -86,8 +87,8 @@ def test_train_one_process_writes_outputs_then_auto_resumes(image_folder, tmp_pa
 
 
 def test_train_two_processes_under_torchrun(image_folder, tmp_path):
-    proc = run_main(*train_args(image_folder, tmp_path, 'MODEL.EMA.ENABLE', 'True'), nproc=2)
-    assert '2 process(es) on cpu' in proc.stdout
+    proc = run_main(*train_args(image_folder, tmp_path, 'MODEL.EMA.ENABLE', 'True', 'AMP_CPU', 'True'), nproc=2)
+    assert '2 process(es) on cpu' in proc.stdout and 'autocast bfloat16' in proc.stdout
     assert proc.stdout.count('Accuracy of the network on the 9 test images') == 1, 'only rank 0 logs'
     assert 'EMA accuracy' in proc.stdout
     log = (tmp_path / 'fat_b0' / 'default' / 'log.txt').read_text()
@@ -97,10 +98,11 @@ def test_train_two_processes_under_torchrun(image_folder, tmp_path):
 
 def test_eval_of_own_checkpoint_reproduces_training_accuracy(image_folder, tmp_path):
     trained = run_main(*train_args(image_folder, tmp_path))
-    ckpt = tmp_path / 'fat_b0' / 'default' / 'ckpt_last.pth'
-    evaluated = run_main('--eval', '--resume', ckpt, *train_args(image_folder, tmp_path / 'eval'))
+    run = tmp_path / 'fat_b0' / 'default'
+    evaluated = run_main('--eval', '--resume', run / 'ckpt_last.pth', *train_args(image_folder, tmp_path))
     assert accuracy(evaluated.stdout) == accuracy(trained.stdout)
     assert 'top-5' in evaluated.stdout and 'loss' in evaluated.stdout
+    assert yaml.safe_load((run / 'config.yaml').read_text())['EVAL_MODE'] is False, 'eval keeps the run config'
 
 
 @pytest.mark.parametrize('wrap', ['authors', 'bare'])
@@ -156,6 +158,28 @@ def test_variant_configs_carry_the_paper_recipe(variant, dims, depths, heads, dr
     assert (config.AUG.MIXUP, config.AUG.CUTMIX, config.AUG.REPROB) == (0.8, 1.0, 0.25)
     assert config.AUG.AUTO_AUGMENT == 'rand-m9-mstd0.5-inc1' and config.DATA.INTERPOLATION == 'bicubic'
     assert config.TEST.CROP_PCT == 0.875 and tuple(config.TRAIN.OPTIMIZER.BETAS) == (0.9, 0.999)
+
+
+@pytest.mark.parametrize('opts,fragment', [
+    (['TRAIN.OPTIMIZER.NAME', 'adam'], "TRAIN.OPTIMIZER.NAME is 'adam'"),
+    (['AMP_DTYPE', 'fp32'], "AMP_DTYPE is 'fp32'; choose one of 'bf16', 'fp16'"),
+    (['DEVICE', 'gpu'], "DEVICE is 'gpu'"),
+])
+def test_a_value_outside_a_keys_choices_is_named(opts, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        config_from(*opts)
+
+
+@pytest.mark.parametrize('device,opts,dtype', [
+    ('cuda', [], torch.bfloat16),
+    ('cuda', ['AMP_DTYPE', 'fp16'], torch.float16),
+    ('cuda', ['AMP_ENABLE', 'False'], None),
+    ('cpu', [], None),  # CPU runs fp32 unless asked
+    ('cpu', ['AMP_CPU', 'True', 'AMP_DTYPE', 'fp16'], torch.bfloat16),  # CPU autocast is always bf16
+    ('cpu', ['AMP_CPU', 'True', 'AMP_ENABLE', 'False'], None),
+])
+def test_autocast_type_per_device(device, opts, dtype):
+    assert amp_dtype(config_from(*opts), torch.device(device)) == dtype
 
 
 def test_lr_scales_linearly_with_the_total_batch():

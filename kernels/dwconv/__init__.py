@@ -4,35 +4,45 @@ Public API (used by ``models/dwconv.py``; this package imports nothing else from
 
 - ``depthwise_conv2d(x, weight, bias, stride)``: same result as
   ``F.conv2d(x, weight, bias, stride, k // 2, 1, groups=C)``, differentiable in x, weight and bias.
-- ``is_usable(device)``: the extension is built and passed its first-use check on ``device``.
-- ``preferred(kernel_size, stride, dtype)``: whether ``auto`` should pick it over cuDNN.
-- ``supports(kernel_size, stride)``: shapes the kernels implement.
-- ``load_extension()``: the compiled module (installed, or JIT-built with ninja), or None.
+- ``is_usable(device)``: the extension is built and passed its first-use self-check on ``device``.
+- ``supports(kernel_size, stride)`` / ``SUPPORTED_KERNEL_SIZES``: the shapes the kernels implement.
+- ``preferred(kernel_size, stride, dtype)``: whether ``MODEL.DWCONV_IMPL: auto`` picks ours.
+- ``load_extension(verbose=False)``: the compiled module (installed, or JIT-built with ninja), or None.
+- ``self_check(device, op=depthwise_conv2d)``: what differs from ``F.conv2d``, or None.
 
-Layout policy: the kernels compute NCHW; a channels_last input is converted to NCHW and the result
-back to channels_last (one copy each way).
+Layout policy: the kernels compute NCHW. A channels_last input is converted to NCHW and the output
+(and the input gradient) converted back to channels_last: one copy each way.
 """
 from __future__ import annotations
 
 import glob
 import logging
 import os
+import shutil
 import sys
 import threading
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
+__all__ = ['DepthwiseConv2dFunction', 'PREFERRED_CASES', 'SUPPORTED_KERNEL_SIZES', 'depthwise_conv2d', 'is_usable',
+           'load_extension', 'preferred', 'self_check', 'supports']
+
 logger = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dwconv.cu')
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(HERE, 'dwconv.cpp'), os.path.join(HERE, 'dwconv_kernels.cu')]
 EXTENSION_NAME = 'fat_dwconv_cuda'
-KERNEL_SIZES = range(3, 32, 2)
-# (kernel size, stride, dtype) where ours measured faster than cuDNN forward + backward. Empty until a
-# GPU benchmark (benchmarks/bench_dwconv.py) fills it: until then 'auto' keeps cuDNN everywhere, so
-# it is never slower; MODEL.DWCONV_IMPL 'cuda' selects ours explicitly.
-MEASURED_FASTER: frozenset = frozenset()
+SUPPORTED_KERNEL_SIZES = range(3, 32, 2)
+SUPPORTED_STRIDES = (1, 2)
+
+# Where MODEL.DWCONV_IMPL 'auto' uses our kernel instead of cuDNN: (kernel sizes, strides, dtypes),
+# only where benchmarks/bench_dwconv.py measured forward + backward at least as fast as cuDNN. Empty:
+# no GPU has measured it yet (2026-11-24), so 'auto' keeps cuDNN and is never slower. The design
+# target to check first: kernels >= 7 in fp16/bf16, e.g. (range(7, 32, 2), (1, 2), (torch.float16,
+# torch.bfloat16)).
+PREFERRED_CASES: tuple = ()
 
 _lock = threading.Lock()
 _extension: Dict[str, object] = {}
@@ -40,42 +50,49 @@ _usable: Dict[str, bool] = {}
 
 
 def supports(kernel_size: int, stride: int) -> bool:
-    """Kernel sizes 3..31 (odd) with stride 1 or 2."""
-    return kernel_size in KERNEL_SIZES and stride in (1, 2)
+    """Whether the kernels implement this shape: odd kernel sizes 3..31, stride 1 or 2."""
+    return kernel_size in SUPPORTED_KERNEL_SIZES and stride in SUPPORTED_STRIDES
 
 
 def preferred(kernel_size: int, stride: int, dtype: torch.dtype) -> bool:
-    """Whether 'auto' picks our kernel for this case (only where measured faster than cuDNN)."""
-    return (kernel_size, stride, dtype) in MEASURED_FASTER
+    """Whether 'auto' picks our kernel over cuDNN for this case (listed in ``PREFERRED_CASES``)."""
+    return any(kernel_size in sizes and stride in strides and dtype in dtypes
+               for sizes, strides, dtypes in PREFERRED_CASES)
 
 
-def cuda_include_dirs() -> list:
-    """CUDA headers that torch's own headers need (cusparse.h, cublas_v2.h): pip's nvidia packages
-    ship them when the system CUDA folder lacks them."""
-    found = []
-    for root in sys.path:
-        found += glob.glob(os.path.join(root, 'nvidia', 'cu*', 'include'))
-    return sorted(set(found))
-
-
-def cuda_library_dirs() -> list:
-    """Folders holding libcudart.so: torch may take CUDA_HOME from where `nvcc` is found (e.g.
-    /usr/local when nvcc is /usr/local/bin/nvcc), whose lib64 does not hold the runtime."""
+def _cuda_roots() -> List[str]:
+    """Candidate CUDA toolkit folders. torch may take CUDA_HOME from where ``nvcc`` is found (e.g.
+    /usr/local when nvcc is a wrapper in /usr/local/bin), which then lacks the toolkit's headers and
+    libraries, so the toolkit ``nvcc`` resolves to and /usr/local/cuda are tried too."""
     from torch.utils.cpp_extension import CUDA_HOME
 
-    roots = [CUDA_HOME, os.environ.get('CUDA_HOME'), os.environ.get('CUDA_PATH'), '/usr/local/cuda']
-    return [os.path.join(root, 'lib64') for root in dict.fromkeys(r for r in roots if r)
-            if os.path.exists(os.path.join(root, 'lib64', 'libcudart.so'))]
+    nvcc = shutil.which('nvcc')
+    roots = [os.environ.get('CUDA_HOME'), os.environ.get('CUDA_PATH'), CUDA_HOME,
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, '/usr/local/cuda']
+    return list(dict.fromkeys(r for r in roots if r))
 
 
-def _error_summary(error: Exception) -> str:
-    """The lines of a build log that say what went wrong (the log itself is long)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    errors = [line for line in lines if 'error' in line.lower() and not line.startswith('[')]
-    return ' | '.join(errors[:3] or lines[:1] or [type(error).__name__])
+def cuda_include_dirs() -> List[str]:
+    """Include folders for the build: the toolkit's own, then the headers of pip's nvidia packages
+    (torch's CUDA headers include cusparse.h and cublas_v2.h, which a system toolkit may lack). The
+    toolkit comes first: the pip folder's cuda_runtime_api.h is incomplete without it."""
+    toolkit = [os.path.join(r, 'include') for r in _cuda_roots()
+               if os.path.exists(os.path.join(r, 'include', 'cuda_runtime_api.h'))][:1]
+    if toolkit and os.path.exists(os.path.join(toolkit[0], 'cusparse.h')):
+        return toolkit
+    found = set()
+    for root in sys.path:
+        found.update(glob.glob(os.path.join(root, 'nvidia', 'cu[0-9]*', 'include')))
+    return toolkit + sorted(found)
+
+
+def cuda_library_dirs() -> List[str]:
+    """Folders holding libcudart.so (see ``_cuda_roots``)."""
+    return [os.path.join(r, 'lib64') for r in _cuda_roots() if os.path.exists(os.path.join(r, 'lib64', 'libcudart.so'))]
 
 
 def build_directory() -> str:
+    """Where the JIT build goes: ``$FAT_KERNELS_BUILD_DIR``, else ``~/.cache/fat_kernels/<torch>-<cuda>``."""
     default = os.path.join(os.path.expanduser('~'), '.cache', 'fat_kernels',
                            f'torch{torch.__version__}-cuda{torch.version.cuda}'.replace('+', '_'))
     path = os.environ.get('FAT_KERNELS_BUILD_DIR', default)
@@ -83,112 +100,160 @@ def build_directory() -> str:
     return path
 
 
+def _error_summary(error: BaseException) -> str:
+    """The lines of a build log that say what went wrong (the whole log is long)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    errors = [line for line in lines if 'error' in line.lower() and not line.startswith('[')]
+    return ' | '.join(errors[:3] or lines[:1] or [type(error).__name__])
+
+
 def _build(verbose: bool):
     from torch.utils.cpp_extension import load
 
-    if not os.environ.get('TORCH_CUDA_ARCH_LIST') and not torch.cuda.is_available():
+    arch_list = os.environ.get('TORCH_CUDA_ARCH_LIST')
+    if not arch_list and not torch.cuda.is_available():
         os.environ['TORCH_CUDA_ARCH_LIST'] = '8.0;9.0'  # no GPU to ask: Ampere and Hopper
-    return load(name=EXTENSION_NAME, sources=[SOURCE], extra_cuda_cflags=['-O3'],
-                extra_include_paths=cuda_include_dirs(), extra_ldflags=[f'-L{d}' for d in cuda_library_dirs()],
-                build_directory=build_directory(), verbose=verbose)
+    try:
+        # No --use_fast_math: it would only add flush-to-zero; the kernels are plain multiply-adds.
+        return load(name=EXTENSION_NAME, sources=SOURCES, extra_cflags=['-O3'], extra_cuda_cflags=['-O3'],
+                    extra_include_paths=cuda_include_dirs(),
+                    extra_ldflags=[f'-L{d}' for d in cuda_library_dirs()],
+                    build_directory=build_directory(), verbose=verbose)
+    finally:
+        if arch_list is None:
+            os.environ.pop('TORCH_CUDA_ARCH_LIST', None)
 
 
 def load_extension(verbose: bool = False):
-    """The compiled extension (an installed build first, else built once per process), or None with
-    one warning saying why."""
+    """The compiled extension: an installed build (``pip install ./kernels/dwconv``) first, else
+    JIT-built with ninja, once per process. On failure: one warning saying why, and None."""
     with _lock:
         if 'module' not in _extension:
             try:
-                import fat_dwconv_cuda as module  # installed with kernels/dwconv/setup.py
+                import fat_dwconv_cuda as module
             except ImportError:
                 try:
                     module = _build(verbose)
-                except Exception as error:  # any build failure means: fall back to PyTorch
-                    logger.warning(f'the depthwise-conv CUDA extension could not be built ({_error_summary(error)}); '
-                                   'FAT uses PyTorch depthwise convolutions instead')
+                except BaseException as error:  # noqa: B036 -- a build may also end in SystemExit
+                    if isinstance(error, KeyboardInterrupt):
+                        raise
+                    logger.warning(f'the depthwise-conv CUDA extension could not be built '
+                                   f'({_error_summary(error)}); PyTorch depthwise convolutions are used instead')
                     module = None
             _extension['module'] = module
         return _extension['module']
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class DepthwiseConv2dFunction(torch.autograd.Function):
-    """Autograd wrapper around the extension's forward, input-gradient and weight-gradient kernels."""
+    """Autograd wrapper of the extension's forward, input-gradient and weight/bias-gradient kernels.
+
+    ``x`` and ``weight`` are computed in ``x``'s dtype; gradients come back in each argument's dtype.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
         ext = load_extension()
-        weight_dtype = weight.dtype
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        x = x.contiguous()
-        weight = weight.to(x.dtype)
-        y = ext.forward(x, weight, bias.to(x.dtype) if bias is not None else None, stride)
-        ctx.save_for_backward(x, weight)
+        if ext is None:
+            raise RuntimeError('the depthwise-conv CUDA extension in kernels/dwconv is not available '
+                               '(see the warning above); check kernels.dwconv.is_usable(device) first')
+        channels_last = _is_channels_last(x)
+        x_nchw = x.contiguous()
+        w = weight.to(x.dtype)
+        y = ext.forward(x_nchw, w, bias.to(x.dtype) if bias is not None else None, stride)
+        ctx.save_for_backward(x_nchw, w)
         ctx.stride, ctx.channels_last = stride, channels_last
-        ctx.param_dtypes = (weight_dtype, bias.dtype if bias is not None else None)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         ext = load_extension()
-        x, weight = ctx.saved_tensors
+        x, w = ctx.saved_tensors
         grad_out = grad_out.to(x.dtype).contiguous()
+        weight_dtype, bias_dtype = ctx.dtypes
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = ext.input_grad(grad_out, weight, x.shape[2], x.shape[3], ctx.stride)
+            grad_x = ext.input_grad(grad_out, w, x.shape[2], x.shape[3], ctx.stride)
             if ctx.channels_last:
                 grad_x = grad_x.contiguous(memory_format=torch.channels_last)
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        if ctx.needs_input_grad[1]:
-            grad_w = ext.weight_grad(grad_out, x, weight.shape[-1], ctx.stride).to(weight_dtype)
-        if bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_b = grad_out.sum((0, 2, 3), dtype=torch.float32).to(bias_dtype)
+        if ctx.needs_input_grad[1] or (bias_dtype is not None and ctx.needs_input_grad[2]):
+            grad_w, grad_b = ext.weight_bias_grad(grad_out, x, w.shape[-1], ctx.stride)
+            grad_w = grad_w.to(weight_dtype) if ctx.needs_input_grad[1] else None
+            grad_b = grad_b.to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride, k // 2, 1, groups=C)`` on our kernels (CUDA tensors)."""
-    if torch.is_autocast_enabled('cuda'):
+    """``F.conv2d(x, weight, bias, stride, k // 2, 1, groups=C)`` on our kernels (CUDA tensors).
+
+    Under ``torch.autocast('cuda')`` the input is cast to the autocast dtype, as ``F.conv2d`` does.
+    """
+    if x.is_cuda and torch.is_autocast_enabled('cuda'):
         x = x.to(torch.get_autocast_dtype('cuda'))
     return DepthwiseConv2dFunction.apply(x, weight, bias, stride)
 
 
-def _reference(x, weight, bias, stride):
+def _reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
     return F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2, 1, x.shape[1])
 
 
-def self_check(device: torch.device, op: Callable = depthwise_conv2d, tolerance: float = 1e-4) -> Optional[str]:
-    """Compare ``op`` with F.conv2d, forward and backward, on small random inputs on ``device``
-    (fp32; both strides; a small, the largest and an in-between kernel). None if they agree, else
-    what differs."""
+# (kernel size, stride, shape) of the self-check: the unrolled path (3, 7), the runtime-k path (31),
+# odd sizes, both strides, more than one plane per block.
+SELF_CHECK_CASES = ((3, 1, (2, 8, 13, 17)), (7, 2, (2, 8, 13, 17)), (5, 2, (1, 4, 30, 9)), (31, 1, (1, 4, 9, 40)))
+
+
+def self_check(device: torch.device, op: Optional[Callable] = None, tolerance: float = 1e-4) -> Optional[str]:
+    """Compare ``op(x, w, b, stride)`` with F.conv2d, output and all three gradients, in fp32 on
+    small random inputs on ``device`` (see ``SELF_CHECK_CASES``); ``op`` defaults to ``depthwise_conv2d``.
+    None if they agree, else what differs."""
+    op = op or depthwise_conv2d
     generator = torch.Generator(device='cpu').manual_seed(0)
-    for k, stride, shape in ((3, 1, (2, 8, 13, 17)), (7, 2, (2, 8, 13, 17)), (31, 1, (1, 4, 9, 40))):
-        x = torch.randn(shape, generator=generator).to(device).requires_grad_()
-        w = torch.randn(shape[1], 1, k, k, generator=generator).to(device).requires_grad_()
-        b = torch.randn(shape[1], generator=generator).to(device).requires_grad_()
-        out = op(x, w, b, stride)
-        grad = torch.randn(out.shape, generator=generator).to(device)
-        got = (out, *torch.autograd.grad(out, (x, w, b), grad))
-        ref_out = _reference(x, w, b, stride)
-        want = (ref_out, *torch.autograd.grad(ref_out, (x, w, b), grad))
-        for name, a, r in zip(('output', 'input grad', 'weight grad', 'bias grad'), got, want):
-            if a.shape != r.shape or not torch.allclose(a, r, rtol=tolerance, atol=tolerance * r.abs().max().item()):
-                return f'{name} differs from F.conv2d for kernel {k} stride {stride}'
+    with torch.autocast(device.type, enabled=False):
+        for k, stride, shape in SELF_CHECK_CASES:
+            x = torch.randn(shape, generator=generator).to(device).requires_grad_()
+            w = torch.randn(shape[1], 1, k, k, generator=generator).to(device).requires_grad_()
+            b = torch.randn(shape[1], generator=generator).to(device).requires_grad_()
+            out = op(x, w, b, stride)
+            grad = torch.randn(out.shape, generator=generator).to(device)
+            got = (out, *torch.autograd.grad(out, (x, w, b), grad))
+            ref_out = _reference(x, w, b, stride)
+            want = (ref_out, *torch.autograd.grad(ref_out, (x, w, b), grad))
+            for name, a, r in zip(('output', 'input grad', 'weight grad', 'bias grad'), got, want):
+                if a.shape != r.shape:
+                    return f'{name} has shape {tuple(a.shape)}, F.conv2d {tuple(r.shape)} (kernel {k} stride {stride})'
+                error = (a - r).abs().max().item()
+                if not error <= tolerance * max(1.0, r.abs().max().item()):  # also catches NaN
+                    return f'{name} differs from F.conv2d by {error:.3g} for kernel {k} stride {stride}'
     return None
 
 
 def is_usable(device: torch.device) -> bool:
-    """True when the extension is built and passed ``self_check`` on this CUDA device (checked once
-    per device; a failure logs one warning and stays False). Never raises."""
-    if device.type != 'cuda':
+    """True when the extension is built and passed ``self_check`` on this CUDA device. Checked once
+    per device; a failure logs one warning and stays False. Never raises."""
+    try:
+        device = torch.device(device)
+        if device.type != 'cuda':
+            return False
+        if device.index is None:
+            device = torch.device('cuda', torch.cuda.current_device())
+    except Exception:  # no usable CUDA runtime at all
         return False
     key = str(device)
-    if key not in _usable:
-        try:
-            problem = 'it could not be built' if load_extension() is None else self_check(device)
-        except Exception as error:  # a crashing kernel is just as unusable as a wrong one
-            problem = f'{type(error).__name__}: {error}'
-        if problem:
-            logger.warning(f'the depthwise-conv CUDA extension is not used on {key}: {problem}; '
-                           'falling back to PyTorch')
+    with _lock:
+        known = _usable.get(key)
+    if known is not None:
+        return known
+    try:
+        problem = 'it could not be built' if load_extension() is None else self_check(device)
+    except Exception as error:  # a crashing kernel is as unusable as a wrong one
+        problem = f'{type(error).__name__}: {error}'
+    if problem:
+        logger.warning(f'the depthwise-conv CUDA extension is not used on {key}: {problem}; '
+                       'PyTorch depthwise convolutions are used instead')
+    with _lock:
         _usable[key] = problem is None
     return _usable[key]
