@@ -10,9 +10,8 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchvision import datasets
 
 from .digits import materialize_digits
@@ -76,11 +75,10 @@ class SeededImageFolder(datasets.ImageFolder):
         self.skip_corrupt = skip_corrupt
         self.skipped = 0
 
-    def _load(self, index: int) -> Image.Image:
+    def _load(self, index: int):
         path = self.samples[index][0]
         try:
-            with open(path, 'rb') as f:
-                return Image.open(f).convert('RGB')
+            return self.loader(path)
         except (OSError, ValueError) as error:
             raise DataError(f'cannot read image {path}: {error}') from error
 

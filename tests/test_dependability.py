@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import ROOT, TINY_OPTS, make_image_folder, run_main, train_args  # noqa: E402
+from test_training import ROOT, make_image_folder, run_main, train_args  # noqa: E402
 
 # Random augmentation, Mixup/CutMix and drop path all on: an exact resume must restore every RNG.
 EXACT_OPTS = ['TRAIN.EPOCHS', '3', 'PRINT_FREQ', '1', 'DATA.NUM_WORKERS', '1', 'AUG.MIXUP', '0.8', 'AUG.CUTMIX', '1.0',
