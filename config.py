@@ -64,6 +64,7 @@ _C.TRAIN = CN()
 _C.TRAIN.START_EPOCH = 0  # first epoch (set by resume)
 _C.TRAIN.EPOCHS = 300  # total epochs
 _C.TRAIN.WARMUP_EPOCHS = 20  # linear warm-up epochs
+_C.TRAIN.WARMUP_STEPS = 0  # linear warm-up in optimizer steps instead, when > 0 (detection's 500 iterations)
 _C.TRAIN.WEIGHT_DECAY = 0.05  # AdamW weight decay (not on norms, biases, no_weight_decay())
 _C.TRAIN.BASE_LR = 5e-4  # peak LR for a total batch of LR_BASE_BATCH, scaled linearly with the real one
 _C.TRAIN.WARMUP_LR = 5e-7  # LR at the start of warm-up (scaled likewise)
@@ -76,10 +77,12 @@ _C.TRAIN.USE_CHECKPOINT = False  # activation (gradient) checkpointing to save m
 _C.TRAIN.MAX_NONFINITE_STEPS = 0  # optimizer steps with a non-finite loss or gradient to skip before stopping
 
 _C.TRAIN.LR_SCHEDULER = CN()
-_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'  # cosine, linear or step; updated every step
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'  # cosine, linear, poly, step or multistep; updated every step
 _C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True  # cosine starts after warm-up rather than under it
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # step: epochs between decays
-_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # step: LR factor at each decay
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # step, multistep: LR factor at each decay
+_C.TRAIN.LR_SCHEDULER.MILESTONES = [8, 11]  # multistep: epochs after which the LR decays (1x detection schedule)
+_C.TRAIN.LR_SCHEDULER.POWER = 0.9  # poly: exponent of the decay (segmentation's schedule)
 
 _C.TRAIN.OPTIMIZER = CN()
 _C.TRAIN.OPTIMIZER.NAME = 'adamw'  # adamw or sgd
@@ -136,7 +139,7 @@ _CHOICES = {
     'DATA.DATASET': ('imagenet', 'digits'),
     'DATA.INTERPOLATION': ('random', 'nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
-    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'poly', 'step', 'multistep'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
 }
 
@@ -155,17 +158,17 @@ def _load_yaml(path: str) -> dict:
             raise ConfigError(f'{path} is not valid YAML: {error}') from error
 
 
-def _update_config_from_file(config: CN, cfg_file: str) -> None:
+def _update_config_from_file(config: CN, cfg_file: str, choices: dict) -> None:
     """Merge ``cfg_file`` into ``config``, its BASE files first."""
     for base in _load_yaml(cfg_file).get('BASE', ['']):
         if base:
-            _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
+            _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base), choices)
     config.defrost()
     try:
         config.merge_from_file(cfg_file)
     except (KeyError, ValueError, AssertionError) as error:
         raise ConfigError(f'{cfg_file}: {_yacs_message(error)}') from error
-    _check_choices(config, cfg_file)
+    _check_choices(config, cfg_file, choices)
     config.freeze()
 
 
@@ -176,19 +179,21 @@ def _yacs_message(error: Exception) -> str:
     return message
 
 
-def _check_choices(config: CN, source: str) -> None:
-    for key, choices in _CHOICES.items():
+def _check_choices(config: CN, source: str, choices: dict) -> None:
+    for key, allowed in choices.items():
         value = config
         for part in key.split('.'):
             value = value[part]
-        if value not in choices:
-            raise ConfigError(f'{source}: {key} is {value!r}; choose one of {", ".join(map(repr, choices))}')
+        if value not in allowed:
+            raise ConfigError(f'{source}: {key} is {value!r}; choose one of {", ".join(map(repr, allowed))}')
 
 
-def update_config(config: CN, args: argparse.Namespace) -> None:
-    """Apply the yaml file, then --opts, then the explicit command-line flags."""
+def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] = None) -> None:
+    """Apply the yaml file, then --opts, then the explicit command-line flags; ``choices`` maps keys
+    that take one of a few words to those words (default: the classification keys')."""
+    choices = _CHOICES if choices is None else choices
     if args.cfg:
-        _update_config_from_file(config, args.cfg)
+        _update_config_from_file(config, args.cfg, choices)
     config.defrost()
     if args.opts:
         if len(args.opts) % 2:
@@ -212,8 +217,20 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
     for arg, (key, value) in switches.items():
         if getattr(args, arg, False):
             config.merge_from_list([key, value])
-    _check_choices(config, '--opts')
+    _check_choices(config, '--opts', choices)
     config.freeze()
+
+
+def default_config() -> CN:
+    """A mutable copy of the defaults, for entry points that extend them (detection/, segmentation/)."""
+    config = _C.clone()
+    config.defrost()
+    return config
+
+
+def key_choices() -> dict:
+    """The keys of the defaults that take one of a few words, and those words."""
+    return dict(_CHOICES)
 
 
 def get_config(args: Optional[argparse.Namespace] = None) -> CN:
@@ -232,6 +249,6 @@ def output_dir(config: CN) -> str:
 def scaled_lrs(config: CN, world_size: int) -> tuple:
     """(base, warm-up, min) LR scaled linearly from LR_BASE_BATCH to the real total batch
     (per-process batch x processes x accumulation steps)."""
-    total_batch = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS
+    total_batch = config.DATA.BATCH_SIZE * world_size * config.TRAIN.get('ACCUMULATION_STEPS', 1)
     factor = total_batch / config.TRAIN.LR_BASE_BATCH
     return config.TRAIN.BASE_LR * factor, config.TRAIN.WARMUP_LR * factor, config.TRAIN.MIN_LR * factor

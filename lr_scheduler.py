@@ -1,28 +1,31 @@
-"""build_scheduler: timm's cosine / linear / step schedules with warm-up, stepped every iteration."""
+"""build_scheduler: timm's cosine / linear / poly / step / multistep schedules with warm-up, stepped every iteration."""
 from __future__ import annotations
 
 import torch
-from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
 
 def build_scheduler(config, optimizer: torch.optim.Optimizer, n_iter_per_epoch: int, warmup_lr: float,
                     min_lr: float) -> Scheduler:
     """The LR schedule of TRAIN.LR_SCHEDULER in optimizer steps; call ``step_update(global_step)``."""
-    steps_per_epoch = n_iter_per_epoch // config.TRAIN.ACCUMULATION_STEPS
+    steps_per_epoch = n_iter_per_epoch // config.TRAIN.get('ACCUMULATION_STEPS', 1)
     num_steps = int(config.TRAIN.EPOCHS * steps_per_epoch)
-    warmup_steps = int(config.TRAIN.WARMUP_EPOCHS * steps_per_epoch)
-    name = config.TRAIN.LR_SCHEDULER.NAME
-    if name == 'cosine':
-        prefix = config.TRAIN.LR_SCHEDULER.WARMUP_PREFIX
+    warmup_steps = config.TRAIN.WARMUP_STEPS or int(config.TRAIN.WARMUP_EPOCHS * steps_per_epoch)
+    schedule = config.TRAIN.LR_SCHEDULER
+    warmup = dict(warmup_lr_init=warmup_lr, warmup_t=warmup_steps, t_in_epochs=False)
+    if schedule.NAME == 'cosine':
+        prefix = schedule.WARMUP_PREFIX
         return CosineLRScheduler(optimizer, t_initial=max(num_steps - warmup_steps if prefix else num_steps, 1),
-                                 lr_min=min_lr, warmup_lr_init=warmup_lr, warmup_t=warmup_steps, cycle_limit=1,
-                                 t_in_epochs=False, warmup_prefix=prefix)
-    if name == 'linear':
-        return PolyLRScheduler(optimizer, t_initial=num_steps, power=1.0, lr_min=min_lr, warmup_lr_init=warmup_lr,
-                               warmup_t=warmup_steps, t_in_epochs=False)
-    if name == 'step':
-        return StepLRScheduler(optimizer, decay_t=int(config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS * steps_per_epoch),
-                               decay_rate=config.TRAIN.LR_SCHEDULER.DECAY_RATE, warmup_lr_init=warmup_lr,
-                               warmup_t=warmup_steps, t_in_epochs=False)
-    raise ValueError(f"unknown TRAIN.LR_SCHEDULER.NAME {name!r}; choose cosine, linear or step")
+                                 lr_min=min_lr, cycle_limit=1, warmup_prefix=prefix, **warmup)
+    if schedule.NAME in ('linear', 'poly'):
+        power = 1.0 if schedule.NAME == 'linear' else schedule.POWER
+        return PolyLRScheduler(optimizer, t_initial=num_steps, power=power, lr_min=min_lr, **warmup)
+    if schedule.NAME == 'step':
+        return StepLRScheduler(optimizer, decay_t=int(schedule.DECAY_EPOCHS * steps_per_epoch),
+                               decay_rate=schedule.DECAY_RATE, **warmup)
+    if schedule.NAME == 'multistep':
+        return MultiStepLRScheduler(optimizer, decay_t=[int(m * steps_per_epoch) for m in schedule.MILESTONES],
+                                    decay_rate=schedule.DECAY_RATE, **warmup)
+    raise ValueError(f'unknown TRAIN.LR_SCHEDULER.NAME {schedule.NAME!r}; '
+                     'choose cosine, linear, poly, step or multistep')

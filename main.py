@@ -10,7 +10,6 @@ import argparse
 import datetime
 import logging
 import os
-import random
 import signal
 import sys
 import time
@@ -18,7 +17,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -26,19 +24,16 @@ from timm.utils import AverageMeter, ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from config import ConfigError, get_config, output_dir, scaled_lrs
+from config import ConfigError, get_config, scaled_lrs
 from data import DataError, build_loader
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model, count_macs
 from optimizer import build_optimizer
-from utils import (UserInputError, all_finite, all_reduce_sum, init_distributed, is_distributed,
-                   load_checkpoint_file, load_model_weights, load_resume_checkpoint, memory_used_mb, rng_state,
-                   save_checkpoint, set_rng_state, unwrap_model)
-
-
-class NonFiniteLossError(Exception):
-    """The loss or gradients stopped being finite (TRAIN.MAX_NONFINITE_STEPS exceeded)."""
+from utils import (NonFiniteLossError, UserInputError, all_finite, all_reduce_sum, amp_dtype, autocast,
+                   init_distributed, is_distributed, load_checkpoint_file, load_model_weights, load_resume_checkpoint,
+                   memory_used_mb, prepare_output, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                   unwrap_model)
 
 
 class Preempted(Exception):
@@ -90,19 +85,6 @@ def parse_option() -> Tuple[argparse.Namespace, object]:
     parser.add_argument('--debug', action='store_true', help='show full tracebacks for input errors')
     args = parser.parse_args()
     return args, get_config(args)
-
-
-def amp_dtype(config, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast type: AMP_DTYPE on CUDA, bf16 on CPU when AMP_CPU; None runs in fp32."""
-    if not config.AMP_ENABLE or (device.type == 'cpu' and not config.AMP_CPU):
-        return None
-    return torch.float16 if device.type == 'cuda' and config.AMP_DTYPE == 'fp16' else torch.bfloat16
-
-
-def autocast(config, device: torch.device):
-    """torch.amp autocast to ``amp_dtype``, or nothing in fp32."""
-    dtype = amp_dtype(config, device)
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def to_device(samples: torch.Tensor, config, device: torch.device) -> torch.Tensor:
@@ -321,26 +303,6 @@ def save(config, run: Run, out_dir: str, rank: int, logger, is_best: bool = Fals
     periodic = epoch_complete and config.SAVE_FREQ > 0 and (
         (run.epoch + 1) % config.SAVE_FREQ == 0 or run.epoch + 1 == config.TRAIN.EPOCHS)
     save_checkpoint(out_dir, state, run.epoch, is_best, periodic, logger)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def prepare_output(config) -> str:
-    """Create the run folder and check that it can be written, before any work is done."""
-    out_dir = output_dir(config)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f'.write_test{os.getpid()}')
-        with open(probe, 'w'):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise UserInputError(f'cannot write to the output folder {out_dir} (--output / OUTPUT): {error}') from error
-    return out_dir
 
 
 def main(config) -> None:

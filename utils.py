@@ -1,4 +1,4 @@
-"""Checkpoints, distributed set-up and reductions, and small helpers for main.py."""
+"""Checkpoints, distributed set-up and reductions, and small helpers for the entry points."""
 from __future__ import annotations
 
 import glob
@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import resource
+from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from config import output_dir
 from models import checkpoint_filter_fn
 
 CHECKPOINT_LAST = 'ckpt_last.pth'
@@ -22,6 +24,10 @@ CHECKPOINT_KEYS = ('model', 'optimizer', 'lr_scheduler', 'scaler', 'epoch', 'ste
 
 class UserInputError(Exception):
     """A problem with what the user gave (paths, config, data, checkpoints): reported as one line."""
+
+
+class NonFiniteLossError(Exception):
+    """The loss or gradients stopped being finite (TRAIN.MAX_NONFINITE_STEPS exceeded)."""
 
 
 # --- distributed -------------------------------------------------------------------------------
@@ -65,6 +71,41 @@ def memory_used_mb(device: torch.device) -> float:
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+def amp_dtype(config, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast type: AMP_DTYPE on CUDA, bf16 on CPU when AMP_CPU; None runs in fp32."""
+    if not config.AMP_ENABLE or (device.type == 'cpu' and not config.AMP_CPU):
+        return None
+    return torch.float16 if device.type == 'cuda' and config.AMP_DTYPE == 'fp16' else torch.bfloat16
+
+
+def autocast(config, device: torch.device):
+    """torch.amp autocast to ``amp_dtype``, or nothing in fp32."""
+    dtype = amp_dtype(config, device)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output(config) -> str:
+    """Create the run folder and check that it can be written, before any work is done."""
+    out_dir = output_dir(config)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f'.write_test{os.getpid()}')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UserInputError(f'cannot write to the output folder {out_dir} (--output / OUTPUT): {error}') from error
+    return out_dir
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -174,16 +215,21 @@ def load_model_weights(model: nn.Module, path: str, logger: logging.Logger, drop
             logger.info(f'{path}: {key} {tuple(state[key].shape)} does not fit {tuple(own[key].shape)}; '
                         'the classifier is re-initialised for fine-tuning')
             state[key] = own[key]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or mismatched:
-        details = '; '.join(f'{label}: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}'
-                            for label, keys in (('missing', missing), ('unexpected', unexpected),
-                                                ('shape mismatch', [f'{k} {tuple(state[k].shape)} vs '
-                                                                    f'{tuple(own[k].shape)}' for k in mismatched]))
-                            if keys)
-        raise UserInputError(f'{path} does not fit this model (check MODEL.FAT and MODEL.NUM_CLASSES): {details}')
+    report = state_dict_mismatch(own, state)
+    if report:
+        raise UserInputError(f'{path} does not fit this model (check MODEL.FAT and MODEL.NUM_CLASSES): {report}')
     model.load_state_dict(state)
     logger.info(f'loaded weights from {path}')
     return checkpoint
+
+
+def state_dict_mismatch(own: dict, state: dict) -> str:
+    """What keeps ``state`` from loading into a model whose state dict is ``own`` ('' when it fits):
+    missing, unexpected and wrongly shaped keys, a few of each."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}'
+                  for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    return '; '.join(f'{label}: {", ".join(keys[:8])}{" ..." if len(keys) > 8 else ""}'
+                     for label, keys in (('missing', missing), ('unexpected', unexpected),
+                                         ('shape mismatch', mismatched)) if keys)

@@ -1,0 +1,83 @@
+"""COCO-format detection data through torchvision's CocoDetection and transforms v2.
+
+A data root holds the images of each split in a folder and COCO annotation files (paths relative to
+the root: DATA.TRAIN_IMAGES, DATA.TRAIN_ANNOTATIONS, DATA.VAL_IMAGES, DATA.VAL_ANNOTATIONS). With
+DATA.DATASET 'digit_canvases' and no DATA_PATH, the digit canvases are written once and used.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from typing import List, Tuple
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from data.build import DataError, ShardSampler
+from data.digit_canvases import materialize_digit_canvases
+
+
+def data_root(config) -> str:
+    """DATA.DATA_PATH, or the digit canvases (written on first use) when it is empty."""
+    if config.DATA.DATA_PATH:
+        return config.DATA.DATA_PATH
+    if config.DATA.DATASET == 'digit_canvases':
+        return str(materialize_digit_canvases())
+    raise DataError('DATA.DATA_PATH (--data-path) is empty: point it at the COCO root '
+                    '(or set DATA.DATASET digit_canvases for the generated digits)')
+
+
+def _coco(root: str, images: str, annotations: str, transforms, keys: Tuple[str, ...]):
+    image_dir, ann_file = os.path.join(root, images), os.path.join(root, annotations)
+    for path, what in ((image_dir, 'image folder'), (ann_file, 'annotation file')):
+        if not os.path.exists(path):
+            raise DataError(f'COCO {what} not found: {path} (check --data-path and DATA.*_IMAGES / DATA.*_ANNOTATIONS)')
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            dataset = datasets.CocoDetection(image_dir, ann_file, transforms=transforms)
+    except (ValueError, KeyError) as error:
+        raise DataError(f'{ann_file} is not a COCO annotation file: {error}') from error
+    return datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=keys)
+
+
+def _with_objects(dataset) -> Subset:
+    """Training keeps the images with at least one non-crowd object, as torchvision's references do."""
+    coco = dataset.coco
+    keep = [i for i, image_id in enumerate(dataset.ids)
+            if any(not a.get('iscrowd', 0) for a in coco.imgToAnns.get(image_id, []))]
+    if not keep:
+        raise DataError('the training annotations hold no objects')
+    return Subset(dataset, keep)
+
+
+def collate(batch: List[Tuple]) -> Tuple[List, List]:
+    """Detection batches are lists: images differ in size, targets in object count."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+def build_detection_loaders(config, rank: int, world_size: int, masks: bool):
+    """(training loader, evaluation loader, evaluation COCO object, number of classes incl. background)."""
+    root = data_root(config)
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    train_transforms = v2.Compose([v2.RandomHorizontalFlip(config.DATA.HFLIP), *to_tensor,
+                                   v2.SanitizeBoundingBoxes()])
+    train_keys = ('image_id', 'boxes', 'labels', 'masks') if masks else ('image_id', 'boxes', 'labels')
+    dataset_train = _coco(root, config.DATA.TRAIN_IMAGES, config.DATA.TRAIN_ANNOTATIONS, train_transforms, train_keys)
+    dataset_val = _coco(root, config.DATA.VAL_IMAGES, config.DATA.VAL_ANNOTATIONS, v2.Compose(to_tensor),
+                        ('image_id',))
+    category_ids = dataset_train.coco.getCatIds()
+    if not category_ids:
+        raise DataError(f'{config.DATA.TRAIN_ANNOTATIONS} lists no categories')
+    loader_args = dict(batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+                       pin_memory=config.DATA.PIN_MEMORY, collate_fn=collate,
+                       persistent_workers=config.DATA.NUM_WORKERS > 0,
+                       prefetch_factor=config.DATA.PREFETCH_FACTOR if config.DATA.NUM_WORKERS > 0 else None)
+    train = _with_objects(dataset_train)
+    loader_train = DataLoader(train, sampler=DistributedSampler(train, world_size, rank, seed=config.SEED),
+                              drop_last=True, **loader_args)
+    loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size), **loader_args)
+    return loader_train, loader_val, dataset_val.coco, max(category_ids) + 1

@@ -1,0 +1,34 @@
+"""segmentation-models-pytorch decoders on FAT: smp's timm universal encoder ``tu-fat_b*`` with its
+timm feature extractor replaced by the project's FATBackbone (normalised maps, ImageNet weights,
+frozen stages / BatchNorm)."""
+from __future__ import annotations
+
+import segmentation_models_pytorch as smp
+import torch.nn as nn
+
+from models import build_backbone
+from models.build import fat_arch_kwargs
+
+ARCHS = ('fpn', 'upernet')
+
+
+def build_segmenter(config) -> nn.Module:
+    """SEG.ARCH ('fpn': Semantic FPN, 'upernet': UPerNet) from smp, MODEL.NUM_CLASSES outputs at input resolution."""
+    seg = config.SEG
+    if seg.ARCH == 'fpn':
+        decoder = dict(decoder_pyramid_channels=seg.DECODER_CHANNELS,
+                       decoder_segmentation_channels=seg.DECODER_CHANNELS // 2, decoder_dropout=seg.DECODER_DROPOUT)
+    elif seg.ARCH == 'upernet':
+        decoder = dict(decoder_channels=seg.DECODER_CHANNELS)
+    else:
+        raise ValueError(f'unknown SEG.ARCH {seg.ARCH!r}; choose one of {", ".join(ARCHS)}')
+    # smp builds its encoder from timm's registry with our architecture (so its channel bookkeeping
+    # matches), then the extractor inside is swapped for the backbone with the per-map norms.
+    arch = {k: v for k, v in fat_arch_kwargs(config).items() if k != 'in_chans'}
+    model = smp.create_model(seg.ARCH, encoder_name='tu-fat_b0', encoder_weights=None, in_channels=config.DATA.IN_CHANS,
+                             classes=config.MODEL.NUM_CLASSES, **decoder, **arch)
+    backbone = build_backbone(config)
+    if list(model.encoder.out_channels[2:]) != backbone.out_channels:
+        raise AssertionError('smp encoder channels disagree with the FAT backbone')
+    model.encoder.model = backbone
+    return model
