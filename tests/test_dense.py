@@ -191,11 +191,12 @@ def test_one_detection_training_step_lowers_nothing_to_nan_and_moves_the_weights
 
 
 class _Oracle(torch.nn.Module):
-    """Returns the annotated boxes (optionally shifted) as detections: AP must be 1 unshifted."""
+    """Returns the annotated boxes (optionally shifted) and, with ``masks``, the annotated instance
+    masks as detections: AP must be 1 unshifted."""
 
-    def __init__(self, coco: COCO, shift: float):
+    def __init__(self, coco: COCO, shift: float, masks: bool = False):
         super().__init__()
-        self.coco, self.shift = coco, shift
+        self.coco, self.shift, self.masks = coco, shift, masks
         self.order = iter(sorted(coco.imgs))
 
     def forward(self, images):
@@ -206,10 +207,13 @@ class _Oracle(torch.nn.Module):
             boxes[:, 2:] += boxes[:, :2]
             outputs.append({'boxes': boxes + self.shift, 'labels': torch.tensor([a['category_id'] for a in anns]),
                             'scores': torch.ones(len(anns))})
+            if self.masks:
+                outputs[-1]['masks'] = torch.stack([torch.from_numpy(self.coco.annToMask(a)).float()[None]
+                                                    for a in anns])
         return outputs
 
 
-def test_coco_evaluation_scores_perfect_and_shifted_boxes(canvases):
+def test_coco_evaluation_scores_perfect_and_shifted_boxes_and_masks(canvases):
     config = dense_config(det_defaults(), DET_CHOICES, 'detection/configs/digits_retinanet_fat_b0.yaml',
                           'DATA.DATA_PATH', str(canvases), 'DATA.NUM_WORKERS', '0')
     task = DetectionTask()
@@ -217,8 +221,11 @@ def test_coco_evaluation_scores_perfect_and_shifted_boxes(canvases):
     coco = task.coco_val
     perfect = evaluate_coco(config, _Oracle(coco, 0.0), loader_val, coco, torch.device('cpu'))
     assert perfect['bbox_AP'] == pytest.approx(1.0) and perfect['bbox_AP50'] == pytest.approx(1.0)
+    assert 'segm_AP' not in perfect
     shifted = evaluate_coco(config, _Oracle(coco, 6.0), loader_val, coco, torch.device('cpu'))
     assert shifted['bbox_AP'] < 0.6
+    with_masks = evaluate_coco(config, _Oracle(coco, 0.0, masks=True), loader_val, coco, torch.device('cpu'))
+    assert with_masks['segm_AP'] == pytest.approx(1.0) and with_masks['bbox_AP'] == pytest.approx(1.0)
 
 
 # --- the entry points, end to end ---------------------------------------------------------------
