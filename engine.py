@@ -11,6 +11,7 @@ import argparse
 import datetime
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Dict, Iterable, Optional, Tuple
@@ -27,9 +28,10 @@ from data import DataError
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
-from utils import (NonFiniteLossError, UserInputError, all_finite, autocast, init_distributed, is_distributed,
-                   load_checkpoint_file, load_resume_checkpoint, memory_used_mb, prepare_output, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, state_dict_mismatch, unwrap_model)
+from utils import (CHECKPOINT_LAST, NonFiniteLossError, Preempted, StopSignal, UserInputError, all_finite, autocast,
+                   init_distributed, is_distributed, load_checkpoint_file, load_resume_checkpoint, memory_used_mb,
+                   prepare_output, rng_state, save_checkpoint, seed_everything, set_rng_state, state_dict_mismatch,
+                   unwrap_model)
 
 # Classification-only keys that a dense config leaves out, so its dump shows only what is used.
 _CLASSIFICATION_KEYS = ('AUG', 'TEST', 'MODEL.LABEL_SMOOTHING', 'MODEL.EMA', 'MODEL.NUM_CLASSES', 'MODEL.DROP_RATE',
@@ -113,12 +115,13 @@ def _load_weights(model: nn.Module, checkpoint: dict, path: str) -> None:
 
 
 def train_one_epoch(config, task: DenseTask, model: nn.Module, optimizer, lr_scheduler, scaler, loader, epoch: int,
-                    device: torch.device, logger: logging.Logger, writer: Optional[SummaryWriter]) -> None:
-    """One pass over ``loader``. Loss sums stay on the device and are read only every PRINT_FREQ steps;
-    a step with a non-finite loss or gradient is skipped by the scaler on the device."""
+                    start_step: int, steps: int, device: torch.device, logger: logging.Logger,
+                    writer: Optional[SummaryWriter], stop: StopSignal) -> int:
+    """Train epoch ``epoch`` from batch ``start_step`` of its ``steps``; returns the batches done, fewer
+    than ``steps`` when a stop signal ended it early. Loss sums stay on the device and are read only
+    every PRINT_FREQ steps; a step with a non-finite loss or gradient is skipped by the scaler on the device."""
     model.train()
-    loader.sampler.set_epoch(epoch)
-    steps = len(loader)
+    loader.sampler.set_epoch(epoch, skip=start_step * config.DATA.BATCH_SIZE)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else float('inf')
     batch_time, data_time = AverageMeter(), AverageMeter()
@@ -126,7 +129,7 @@ def train_one_epoch(config, task: DenseTask, model: nn.Module, optimizer, lr_sch
     nonfinite = torch.zeros((), dtype=torch.long, device=device)
     count = 0
     start = end = time.time()
-    for idx, batch in enumerate(loader):
+    for idx, batch in enumerate(loader, start=start_step):
         data_time.update(time.time() - end)
         with autocast(config, device):
             loss, parts = task.loss(model, batch, device)
@@ -143,7 +146,8 @@ def train_one_epoch(config, task: DenseTask, model: nn.Module, optimizer, lr_sch
         count += 1
         batch_time.update(time.time() - end)
         end = time.time()
-        if idx % config.PRINT_FREQ == 0 or idx == steps - 1:
+        print_now = idx % config.PRINT_FREQ == 0 or idx == steps - 1
+        if print_now:
             skipped = int(nonfinite.item())
             if skipped > config.TRAIN.MAX_NONFINITE_STEPS:
                 raise NonFiniteLossError(
@@ -162,7 +166,11 @@ def train_one_epoch(config, task: DenseTask, model: nn.Module, optimizer, lr_sch
                     writer.add_scalar(f'train/{name}', value, epoch * steps + idx)
                 writer.add_scalar('train/lr', lr, epoch * steps + idx)
             sums, count = {}, 0
+        # One process checks its flag each step for free; several agree on it at the print interval.
+        if idx + 1 < steps and (stop.signum if not is_distributed() else print_now and stop.agreed(device)):
+            return idx + 1
     logger.info(f'EPOCH {epoch} training takes {datetime.timedelta(seconds=int(time.time() - start))}')
+    return steps
 
 
 def _log_metrics(logger: logging.Logger, metrics: Dict[str, float], writer: Optional[SummaryWriter],
@@ -214,7 +222,8 @@ def run(task: DenseTask, config) -> Dict[str, float]:
         if world_size > 1 else model
     logger.info(f'LR scaled to the total batch: base {base_lr:.3e}, warm-up {warmup_lr:.3e}, min {min_lr:.3e}')
 
-    start_epoch, best = 0, float('-inf')
+    steps = len(loader_train)
+    epoch, step, best = 0, 0, float('-inf')
     path, checkpoint = (config.MODEL.RESUME, load_checkpoint_file(config.MODEL.RESUME)) if config.MODEL.RESUME \
         else load_resume_checkpoint(out_dir, logger) if config.TRAIN.AUTO_RESUME else (None, None)
     if checkpoint is not None:
@@ -222,35 +231,48 @@ def run(task: DenseTask, config) -> Dict[str, float]:
         optimizer.load_state_dict(checkpoint['optimizer'])
         lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
         scaler.load_state_dict(checkpoint['scaler'])
-        start_epoch, best = checkpoint['epoch'] + 1, checkpoint['best']
+        epoch, step, best = checkpoint['epoch'], checkpoint['step'], checkpoint['best']
         if len(checkpoint['rng']) == world_size:
             set_rng_state(checkpoint['rng'][rank])
-        logger.info(f'resumed from {path}: epoch {checkpoint["epoch"]} done, best {task.primary_metric} {best:.4f}')
+        logger.info(f'resumed from {path} (epoch {epoch}, {step} steps done, best {task.primary_metric} {best:.4f})')
+        if step >= steps:
+            epoch, step = epoch + 1, 0
 
-    metrics: Dict[str, float] = {}
-    start_time = time.time()
-    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-        train_one_epoch(config, task, train_model, optimizer, lr_scheduler, scaler, loader_train, epoch, device,
-                        logger, writer)
-        metrics = task.evaluate(model, loader_val, device, config, logger)
-        _log_metrics(logger, metrics, writer, epoch)
-        is_best = metrics[task.primary_metric] > best
-        best = max(best, metrics[task.primary_metric])
+    def save(metrics: Dict[str, float], is_best: bool, epoch_complete: bool) -> None:
         rng_states = [rng_state()]
         if is_distributed():
             rng_states = [None] * world_size
             torch.distributed.all_gather_object(rng_states, rng_state())
-        if rank == 0:
-            state = {'model': unwrap_model(model).state_dict(), 'optimizer': optimizer.state_dict(),
-                     'lr_scheduler': lr_scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
-                     'step': len(loader_train), 'best': best, 'metrics': metrics, 'rng': rng_states,
-                     'config': config.dump()}
-            if not all_finite(state['model']):
-                raise NonFiniteLossError(f'the weights are non-finite after epoch {epoch}; not saving them, '
-                                         f'the last good checkpoint in {out_dir} is kept')
-            periodic = config.SAVE_FREQ > 0 and (
-                (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS)
-            save_checkpoint(out_dir, state, epoch, is_best, periodic, logger)
+        if rank != 0:
+            return
+        state = {'model': unwrap_model(model).state_dict(), 'optimizer': optimizer.state_dict(),
+                 'lr_scheduler': lr_scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch,
+                 'step': step, 'best': best, 'metrics': metrics, 'rng': rng_states, 'config': config.dump()}
+        if not all_finite(state['model']):
+            raise NonFiniteLossError(f'the weights are non-finite at epoch {epoch} step {step}; not saving them, '
+                                     f'the last good checkpoint in {out_dir} is kept')
+        periodic = epoch_complete and config.SAVE_FREQ > 0 and (
+            (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS)
+        save_checkpoint(out_dir, state, epoch, is_best, periodic, logger)
+
+    stop = StopSignal(logger)
+    metrics: Dict[str, float] = {}
+    start_time = time.time()
+    while epoch < config.TRAIN.EPOCHS:
+        step = train_one_epoch(config, task, train_model, optimizer, lr_scheduler, scaler, loader_train, epoch, step,
+                               steps, device, logger, writer, stop)
+        if step < steps:
+            save({}, is_best=False, epoch_complete=False)
+            signum = stop.signum or signal.SIGTERM
+            raise Preempted(f'stopped by {signal.Signals(signum).name} at epoch {epoch} step {step}/{steps}; saved '
+                            f'{os.path.join(out_dir, CHECKPOINT_LAST)}. Run the same command again to continue '
+                            'from there.', signum)
+        metrics = task.evaluate(model, loader_val, device, config, logger)
+        _log_metrics(logger, metrics, writer, epoch)
+        is_best = metrics[task.primary_metric] > best
+        best = max(best, metrics[task.primary_metric])
+        save(metrics, is_best, epoch_complete=True)
+        epoch, step = epoch + 1, 0
     logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     if writer is not None:
         writer.close()
@@ -262,6 +284,9 @@ def main(task: DenseTask, description: str, defaults: CN, choices: dict) -> None
     debug = '--debug' in sys.argv
     try:
         run(task, parse_args(description, defaults, choices))
+    except Preempted as stopped:
+        print(stopped.args[0], file=sys.stderr, flush=True)
+        sys.exit(128 + stopped.args[1])
     except (ConfigError, DataError, UserInputError, NonFiniteLossError) as error:
         if debug:
             raise

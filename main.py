@@ -30,36 +30,10 @@ from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model, count_macs
 from optimizer import build_optimizer
-from utils import (NonFiniteLossError, UserInputError, all_finite, all_reduce_sum, amp_dtype, autocast,
-                   init_distributed, is_distributed, load_checkpoint_file, load_model_weights, load_resume_checkpoint,
-                   memory_used_mb, prepare_output, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                   unwrap_model)
-
-
-class Preempted(Exception):
-    """SIGTERM / SIGINT arrived; the run saved a resumable checkpoint."""
-
-
-class StopSignal:
-    """Turns the first SIGTERM or SIGINT into a request to stop after the current step."""
-
-    def __init__(self, logger: logging.Logger):
-        self.signum = 0
-        self.logger = logger
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if not self.signum:
-            self.signum = signum
-            self.logger.info(f'received {signal.Signals(signum).name}: stopping after this step to save a checkpoint')
-
-    def agreed(self, device: torch.device) -> int:
-        """The signal if any process was signalled (all processes agree; one collective), else 0."""
-        if not is_distributed():
-            return self.signum
-        flag = torch.tensor([self.signum], device=device)
-        return (self.signum or signal.SIGTERM) if all_reduce_sum(flag).item() > 0 else 0
+from utils import (NonFiniteLossError, Preempted, StopSignal, UserInputError, all_finite, all_reduce_sum, amp_dtype,
+                   autocast, init_distributed, is_distributed, load_checkpoint_file, load_model_weights,
+                   load_resume_checkpoint, memory_used_mb, prepare_output, rng_state, save_checkpoint, seed_everything,
+                   set_rng_state, unwrap_model)
 
 
 def parse_option() -> Tuple[argparse.Namespace, object]:

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import resource
+import signal
 from contextlib import nullcontext
 from typing import Optional, Tuple
 
@@ -28,6 +29,32 @@ class UserInputError(Exception):
 
 class NonFiniteLossError(Exception):
     """The loss or gradients stopped being finite (TRAIN.MAX_NONFINITE_STEPS exceeded)."""
+
+
+class Preempted(Exception):
+    """SIGTERM / SIGINT arrived; the run saved a resumable checkpoint."""
+
+
+class StopSignal:
+    """Turns the first SIGTERM or SIGINT into a request to stop after the current step."""
+
+    def __init__(self, logger: logging.Logger):
+        self.signum = 0
+        self.logger = logger
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+            self.logger.info(f'received {signal.Signals(signum).name}: stopping after this step to save a checkpoint')
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal if any process was signalled (all processes agree; one collective), else 0."""
+        if not is_distributed():
+            return self.signum
+        flag = torch.tensor([self.signum], device=device)
+        return (self.signum or signal.SIGTERM) if all_reduce_sum(flag).item() > 0 else 0
 
 
 # --- distributed -------------------------------------------------------------------------------

@@ -23,11 +23,9 @@ class DataError(Exception):
     """Bad input data (missing folders, empty classes, unreadable images): reported as one line."""
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that yields ``(epoch, index)`` pairs and can start part-way into an epoch.
-
-    The epoch travels with each index so that :class:`SeededImageFolder` can seed every sample's
-    augmentation from (seed, epoch, index) alone, in whichever worker process it lands."""
+class SkippingSampler(DistributedSampler):
+    """Shuffling DistributedSampler (``drop_last``) that can start part-way into an epoch: after a
+    resume, the samples this rank already trained on in that epoch are left out."""
 
     def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -39,10 +37,20 @@ class ResumableSampler(DistributedSampler):
         self.skip = skip
 
     def __iter__(self):
-        return ((self.epoch, index) for index in list(super().__iter__())[self.skip:])
+        return iter(list(super().__iter__())[self.skip:])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+
+class ResumableSampler(SkippingSampler):
+    """SkippingSampler that yields ``(epoch, index)`` pairs.
+
+    The epoch travels with each index so that :class:`SeededImageFolder` can seed every sample's
+    augmentation from (seed, epoch, index) alone, in whichever worker process it lands."""
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in super().__iter__())
 
 
 @contextmanager

@@ -12,11 +12,11 @@ import os
 from typing import List, Tuple
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from data.build import DataError, ShardSampler
+from data.build import DataError, ShardSampler, SkippingSampler
 from data.digit_canvases import materialize_digit_canvases
 
 
@@ -77,7 +77,7 @@ def build_detection_loaders(config, rank: int, world_size: int, masks: bool):
                        persistent_workers=config.DATA.NUM_WORKERS > 0,
                        prefetch_factor=config.DATA.PREFETCH_FACTOR if config.DATA.NUM_WORKERS > 0 else None)
     train = _with_objects(dataset_train)
-    loader_train = DataLoader(train, sampler=DistributedSampler(train, world_size, rank, seed=config.SEED),
+    loader_train = DataLoader(train, sampler=SkippingSampler(train, world_size, rank, seed=config.SEED),
                               drop_last=True, **loader_args)
     loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size), **loader_args)
     return loader_train, loader_val, dataset_val.coco, max(category_ids) + 1

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from data.build import DataError, ShardSampler
+from data.build import DataError, ShardSampler, SkippingSampler
 from data.digit_canvases import materialize_digit_canvases
 
 IGNORE_INDEX = 255
@@ -133,7 +133,7 @@ def build_segmentation_loaders(config, rank: int, world_size: int):
     workers = config.DATA.NUM_WORKERS
     loader_args = dict(num_workers=workers, pin_memory=config.DATA.PIN_MEMORY, persistent_workers=workers > 0,
                        prefetch_factor=config.DATA.PREFETCH_FACTOR if workers > 0 else None)
-    sampler_train = DistributedSampler(dataset_train, world_size, rank, seed=config.SEED)
+    sampler_train = SkippingSampler(dataset_train, world_size, rank, seed=config.SEED)
     loader_train = DataLoader(dataset_train, batch_size=config.DATA.BATCH_SIZE, drop_last=True, sampler=sampler_train,
                               **loader_args)
     loader_val = DataLoader(dataset_val, batch_size=1, sampler=ShardSampler(len(dataset_val), rank, world_size),

@@ -2,8 +2,10 @@
 their shared entry point, on a tiny generated set of digit canvases (CPU)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -286,3 +288,31 @@ def test_digit_canvases_are_valid_coco_with_masks_matching_the_semantic_maps(can
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h)
             union |= mask
         assert ((semantic > 0) == (union > 0)).all()
+
+
+def test_sigterm_saves_mid_epoch_and_the_same_command_continues_from_there(tmp_path, canvases):
+    cfg = 'segmentation/configs/digits_fpn_fat_b0.yaml'
+    opts = ['--output', str(tmp_path), '--opts', 'DATA.DATA_PATH', str(canvases), 'DATA.BATCH_SIZE', '1',
+            'DATA.NUM_WORKERS', '0', 'DATA.CROP_SIZE', '64', 'DATA.BASE_SIZE', '64', 'PRINT_FREQ', '1',
+            'TRAIN.EPOCHS', '2', *TINY_FAT]
+    log = tmp_path / 'fpn_fat_b0_digits' / 'default' / 'log.txt'
+    proc = subprocess.Popen([sys.executable, '-m', 'segmentation.train', '--cfg', cfg, '--device', 'cpu', *opts],
+                            cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (log.exists() and 'Train: [0/2][1/12]' in log.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert 'stopped by SIGTERM at epoch 0 step' in stderr and 'Run the same command again' in stderr
+    saved = torch.load(log.parent / 'ckpt_last.pth', weights_only=True)
+    assert saved['epoch'] == 0 and 0 < saved['step'] < 12
+
+    again = _run('segmentation.train', cfg, *opts)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(epoch 0, {saved['step']} steps done" in again.stdout
+    assert f"Train: [0/2][{saved['step']}/12]" in again.stdout and 'Train: [0/2][0/12]' not in again.stdout
+    assert again.stdout.count('Train: [0/2]') == 12 - saved['step']  # only the batches not yet trained on
+    assert torch.load(log.parent / 'ckpt_last.pth', weights_only=True)['epoch'] == 1
