@@ -12,7 +12,6 @@ import datetime
 import logging
 import os
 import signal
-import sys
 import time
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -24,14 +23,13 @@ from torch.utils.tensorboard import SummaryWriter
 from yacs.config import CfgNode as CN
 
 from config import ConfigError, default_config, key_choices, scaled_lrs, update_config
-from data import DataError
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
 from utils import (CHECKPOINT_LAST, NonFiniteLossError, Preempted, StopSignal, UserInputError, all_finite, autocast,
                    init_distributed, is_distributed, load_checkpoint_file, load_resume_checkpoint, memory_used_mb,
-                   prepare_output, rng_state, save_checkpoint, seed_everything, set_rng_state, state_dict_mismatch,
-                   unwrap_model)
+                   prepare_output, rng_state, run_entry_point, save_checkpoint, seed_everything, set_rng_state,
+                   state_dict_mismatch, unwrap_model)
 
 # Classification-only keys that a dense config leaves out, so its dump shows only what is used.
 _CLASSIFICATION_KEYS = ('AUG', 'TEST', 'MODEL.LABEL_SMOOTHING', 'MODEL.EMA', 'MODEL.NUM_CLASSES', 'MODEL.DROP_RATE',
@@ -280,16 +278,5 @@ def run(task: DenseTask, config) -> Dict[str, float]:
 
 
 def main(task: DenseTask, description: str, defaults: CN, choices: dict) -> None:
-    """Parse the command line and run ``task``; input errors end as one ``error:`` line, exit code 2."""
-    debug = '--debug' in sys.argv
-    try:
-        run(task, parse_args(description, defaults, choices))
-    except Preempted as stopped:
-        print(stopped.args[0], file=sys.stderr, flush=True)
-        sys.exit(128 + stopped.args[1])
-    except (ConfigError, DataError, UserInputError, NonFiniteLossError) as error:
-        if debug:
-            raise
-        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        print(f'error: {message}', file=sys.stderr, flush=True)
-        sys.exit(2)
+    """Parse the command line and run ``task`` (errors and stop signals as ``utils.run_entry_point``)."""
+    run_entry_point(lambda: run(task, parse_args(description, defaults, choices)))

@@ -11,7 +11,6 @@ import datetime
 import logging
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,15 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from config import ConfigError, get_config, scaled_lrs
-from data import DataError, build_loader
+from data import build_loader
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model, count_macs
 from optimizer import build_optimizer
 from utils import (NonFiniteLossError, Preempted, StopSignal, UserInputError, all_finite, all_reduce_sum, amp_dtype,
                    autocast, init_distributed, is_distributed, load_checkpoint_file, load_model_weights,
-                   load_resume_checkpoint, memory_used_mb, prepare_output, rng_state, save_checkpoint, seed_everything,
-                   set_rng_state, unwrap_model)
+                   load_resume_checkpoint, memory_used_mb, prepare_output, rng_state, run_entry_point, save_checkpoint,
+                   seed_everything, set_rng_state, unwrap_model)
 
 
 def parse_option() -> Tuple[argparse.Namespace, object]:
@@ -393,23 +392,5 @@ def main(config) -> None:
         writer.close()
 
 
-def one_line(error: BaseException) -> str:
-    """The message of an input error on one line (errors raised in data-loader workers arrive with
-    the worker's traceback in their text; keep its last line)."""
-    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    return last.split(f'{type(error).__name__}: ', 1)[-1]
-
-
 if __name__ == '__main__':
-    debug = '--debug' in sys.argv
-    try:
-        _, cfg = parse_option()
-        main(cfg)
-    except Preempted as stopped:
-        print(stopped.args[0], file=sys.stderr, flush=True)
-        sys.exit(128 + stopped.args[1])
-    except (ConfigError, DataError, UserInputError, NonFiniteLossError) as error:
-        if debug:
-            raise
-        print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
-        sys.exit(2)
+    run_entry_point(lambda: main(parse_option()[1]))

@@ -7,15 +7,17 @@ import os
 import random
 import resource
 import signal
+import sys
 from contextlib import nullcontext
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from config import output_dir
+from config import ConfigError, output_dir
+from data import DataError
 from models import checkpoint_filter_fn
 
 CHECKPOINT_LAST = 'ckpt_last.pth'
@@ -55,6 +57,28 @@ class StopSignal:
             return self.signum
         flag = torch.tensor([self.signum], device=device)
         return (self.signum or signal.SIGTERM) if all_reduce_sum(flag).item() > 0 else 0
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an input error on one line (errors raised in data-loader workers arrive with
+    the worker's traceback in their text; keep its last line)."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return last.split(f'{type(error).__name__}: ', 1)[-1]
+
+
+def run_entry_point(entry: Callable[[], None]) -> None:
+    """Run a command-line entry point: a stop signal exits with 128 + the signal after its message;
+    an input error prints one ``error:`` line and exits with 2 (``--debug`` shows the traceback)."""
+    try:
+        entry()
+    except Preempted as stopped:
+        print(stopped.args[0], file=sys.stderr, flush=True)
+        sys.exit(128 + stopped.args[1])
+    except (ConfigError, DataError, UserInputError, NonFiniteLossError) as error:
+        if '--debug' in sys.argv:
+            raise
+        print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # --- distributed -------------------------------------------------------------------------------

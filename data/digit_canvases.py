@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -24,8 +22,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .digits import DEFAULT_ROOT as DIGITS_ROOT
-from .digits import NUM_TRAIN, SPLIT_SEED
+from .build import DataError
+from .digits import DEFAULT_ROOT as DIGITS_ROOT, materialize, split_digits
 
 CANVAS_SIZE = 128
 DIGIT_SIZES = (22, 44)  # side of the pasted 8x8 digit, in pixels
@@ -34,10 +32,6 @@ NUM_CANVASES = {'train': 1200, 'val': 200}
 DEFAULT_ROOT = DIGITS_ROOT.with_name('digit_canvases')
 CATEGORIES = [{'id': digit + 1, 'name': str(digit), 'supercategory': 'digit'} for digit in range(10)]
 MASK_THRESHOLD = 0.3  # fraction of full ink above which a pixel belongs to the digit
-
-
-def _complete(root: Path) -> bool:
-    return (root / '.complete').exists()
 
 
 def _place(rng: np.random.Generator, sizes: List[int]) -> List[Tuple[int, int]]:
@@ -100,30 +94,27 @@ def _write_split(tmp: Path, split: str, count: int, images: np.ndarray, labels: 
 
 def materialize_digit_canvases(root: Path = DEFAULT_ROOT, counts: Dict[str, int] = NUM_CANVASES) -> Path:
     """Write the canvases (``counts``: how many per split) under ``root`` unless they are already
-    complete; return ``root``. Safe with several processes: each writes a temporary folder and the
-    first to finish renames it."""
-    root = Path(root)
-    if _complete(root):
-        return root
-    from sklearn.datasets import load_digits
+    complete; return ``root`` (safe with several processes, see ``data.digits.materialize``).
+    Held-out canvases use only the held-out digits of ``data.digits``' split."""
 
-    digits = load_digits()
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(digits.target))
-    held_out = {'train': order[:NUM_TRAIN], 'val': order[NUM_TRAIN:]}  # the split of data.digits
-    tmp = root.with_name(f'{root.name}.tmp{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / 'annotations').mkdir(parents=True)
-    for seed, (split, indices) in enumerate(held_out.items()):
-        _write_split(tmp, split, counts[split], digits.images[indices], digits.target[indices], seed)
-    (tmp / '.complete').touch()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(root)
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _complete(root):
-            raise
-    return root
+    def write(tmp: Path) -> None:
+        digits, splits = split_digits()
+        (tmp / 'annotations').mkdir()
+        for seed, (split, indices) in enumerate(splits.items()):
+            _write_split(tmp, split, counts[split], digits.images[indices], digits.target[indices], seed)
+
+    return materialize(root, write)
+
+
+def dense_data_root(config, real_data: str) -> str:
+    """DATA.DATA_PATH, or with DATA.DATASET 'digit_canvases' the canvases (written on first use) when
+    it is empty; ``real_data`` names what DATA_PATH should point at otherwise."""
+    if config.DATA.DATA_PATH:
+        return config.DATA.DATA_PATH
+    if config.DATA.DATASET == 'digit_canvases':
+        return str(materialize_digit_canvases())
+    raise DataError(f'DATA.DATA_PATH (--data-path) is empty: point it at {real_data} '
+                    'or set DATA.DATASET digit_canvases for the generated digits')
 
 
 if __name__ == '__main__':

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -19,42 +21,52 @@ SPLIT_SEED = 0
 DEFAULT_ROOT = Path(os.environ.get('FAT_DATA_CACHE', Path.home() / '.cache' / 'fat')) / 'digits'
 
 
-def _complete(root: Path) -> bool:
-    return (root / '.complete').exists()
-
-
-def materialize_digits(root: Path = DEFAULT_ROOT, image_size: int = IMAGE_SIZE) -> Path:
-    """Write the digits ImageFolder under ``root`` unless it is already complete; return ``root``.
-
-    Safe with several processes: each writes into its own temporary folder and the first to finish
-    renames it into place.
-    """
+def materialize(root: Path, write: Callable[[Path], None]) -> Path:
+    """Make the data set folder ``root`` once: unless it is already complete, ``write`` fills a
+    temporary folder beside it, which is marked complete and renamed into place. Safe with several
+    processes: each writes its own temporary folder and the first to finish wins. Returns ``root``."""
     root = Path(root)
-    if _complete(root):
+    if (root / '.complete').exists():
         return root
+    tmp = root.with_name(f'{root.name}.tmp{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    (tmp / '.complete').touch()
+    try:
+        tmp.rename(root)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / '.complete').exists():
+            raise
+    return root
+
+
+def split_digits():
+    """scikit-learn's digits and the fixed split of their indices: {'train': 1,400, 'val': 397}."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     order = np.random.default_rng(SPLIT_SEED).permutation(len(digits.target))
-    tmp = root.with_name(f'{root.name}.tmp{os.getpid()}')
-    for rank, index in enumerate(order):
-        split = 'train' if rank < NUM_TRAIN else 'val'
-        folder = tmp / split / str(digits.target[index])
-        folder.mkdir(parents=True, exist_ok=True)
-        grey = (digits.images[index] * (255.0 / 16.0)).astype(np.float32)
-        big = cv2.resize(grey, (image_size, image_size), interpolation=cv2.INTER_CUBIC)
-        rgb = cv2.cvtColor(np.clip(big, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
-        cv2.imwrite(str(folder / f'{index:04d}.png'), rgb)
-    (tmp / '.complete').touch()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(root)
-    except OSError:  # another process got there first
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _complete(root):
-            raise
-    return root
+    return digits, {'train': order[:NUM_TRAIN], 'val': order[NUM_TRAIN:]}
+
+
+def materialize_digits(root: Path = DEFAULT_ROOT, image_size: int = IMAGE_SIZE) -> Path:
+    """Write the digits ImageFolder under ``root`` unless it is already complete; return ``root``
+    (safe with several processes, see ``materialize``)."""
+
+    def write(tmp: Path) -> None:
+        digits, splits = split_digits()
+        for split, indices in splits.items():
+            for index in indices:
+                folder = tmp / split / str(digits.target[index])
+                folder.mkdir(parents=True, exist_ok=True)
+                grey = (digits.images[index] * (255.0 / 16.0)).astype(np.float32)
+                big = cv2.resize(grey, (image_size, image_size), interpolation=cv2.INTER_CUBIC)
+                rgb = cv2.cvtColor(np.clip(big, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
+                cv2.imwrite(str(folder / f'{index:04d}.png'), rgb)
+
+    return materialize(root, write)
 
 
 if __name__ == '__main__':

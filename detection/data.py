@@ -17,17 +17,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from data.build import DataError, ShardSampler, SkippingSampler
-from data.digit_canvases import materialize_digit_canvases
-
-
-def data_root(config) -> str:
-    """DATA.DATA_PATH, or the digit canvases (written on first use) when it is empty."""
-    if config.DATA.DATA_PATH:
-        return config.DATA.DATA_PATH
-    if config.DATA.DATASET == 'digit_canvases':
-        return str(materialize_digit_canvases())
-    raise DataError('DATA.DATA_PATH (--data-path) is empty: point it at the COCO root '
-                    '(or set DATA.DATASET digit_canvases for the generated digits)')
+from data.digit_canvases import dense_data_root
 
 
 def _coco(root: str, images: str, annotations: str, transforms, keys: Tuple[str, ...]):
@@ -61,7 +51,7 @@ def collate(batch: List[Tuple]) -> Tuple[List, List]:
 
 def build_detection_loaders(config, rank: int, world_size: int, masks: bool):
     """(training loader, evaluation loader, evaluation COCO object, number of classes incl. background)."""
-    root = data_root(config)
+    root = dense_data_root(config, 'the COCO root')
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     train_transforms = v2.Compose([v2.RandomHorizontalFlip(config.DATA.HFLIP), *to_tensor,
                                    v2.SanitizeBoundingBoxes()])

@@ -20,20 +20,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
 from data.build import DataError, ShardSampler, SkippingSampler
-from data.digit_canvases import materialize_digit_canvases
+from data.digit_canvases import dense_data_root
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
-
-
-def data_root(config) -> str:
-    """DATA.DATA_PATH, or the digit canvases (written on first use) when it is empty."""
-    if config.DATA.DATA_PATH:
-        return config.DATA.DATA_PATH
-    if config.DATA.DATASET == 'digit_canvases':
-        return str(materialize_digit_canvases())
-    raise DataError('DATA.DATA_PATH (--data-path) is empty: point it at the ADE20K root (ADEChallengeData2016) '
-                    'or set DATA.DATASET digit_canvases for the generated digits')
 
 
 class SegmentationFolder(Dataset):
@@ -125,7 +115,7 @@ def pad_to_multiple(images: torch.Tensor, multiple: int = 32) -> torch.Tensor:
 
 def build_segmentation_loaders(config, rank: int, world_size: int):
     """(training loader of fixed-size crops, evaluation loader of whole images, one per batch)."""
-    root = data_root(config)
+    root = dense_data_root(config, 'the ADE20K root (ADEChallengeData2016)')
     dataset_train = SegmentationFolder(os.path.join(root, config.DATA.TRAIN_IMAGES),
                                        os.path.join(root, config.DATA.TRAIN_MASKS), config, train=True)
     dataset_val = SegmentationFolder(os.path.join(root, config.DATA.VAL_IMAGES),
