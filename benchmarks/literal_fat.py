@@ -3,13 +3,15 @@
 Same parameters as ``models.FAT``; only FASA's forward differs: the attention matrix is
 materialised (``softmax(q k^T * d^-0.5) v``), the interaction is computed as the reference
 writes it (``l * sigmoid(l) * sigmoid(g) * g``, four separate elementwise ops), and heads are
-split with NCHW reshapes as the authors do. Used in NCHW only.
+split with NCHW reshapes as the authors do. Depthwise convs are PyTorch's own (``F.conv2d`` and
+its gradients), never the project's kernels. Used in NCHW only.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from models.dwconv import set_dwconv_impl
 from models.fat import FASA
 
 
@@ -32,8 +34,9 @@ class LiteralFASA(FASA):
 
 
 def make_literal(model: nn.Module) -> nn.Module:
-    """Switch every FASA of ``model`` to the literal forward, in place; parameters are shared."""
+    """Switch every FASA of ``model`` to the literal forward and every depthwise conv to PyTorch's,
+    in place; parameters are shared."""
     for module in model.modules():
         if isinstance(module, FASA):
             module.__class__ = LiteralFASA
-    return model
+    return set_dwconv_impl(model, 'torch')

@@ -2,13 +2,15 @@
 
 Every depthwise conv of the model is a :class:`DepthwiseConv2d`: an ``nn.Conv2d`` with
 ``groups == channels`` and padding ``k // 2``, so its parameters and state-dict keys are those
-of the plain PyTorch layer whatever implementation runs it. On CUDA tensors it can run the
-project's own extension (``kernels/dwconv``) instead of cuDNN, chosen by ``impl``:
+of the plain PyTorch layer whatever implementation runs it. It can run the project's own kernels
+(``kernels/dwconv``) instead of PyTorch's: the CUDA extension on CUDA tensors, and on CPU, when
+gradients are needed, our weight gradient (PyTorch's oneDNN one is the slowest op of a CPU training
+step). Chosen by ``impl``:
 
-- ``'auto'``: our kernel where it is built, passed its first-use self-check on that device and is
-  the faster choice for the shape; PyTorch otherwise (and always inside ``torch.compile``).
+- ``'auto'``: ours where it is built, passed its first-use self-check on that device and is the
+  faster choice for the shape; PyTorch otherwise (and always inside ``torch.compile``).
 - ``'torch'``: always ``F.conv2d``.
-- ``'cuda'``: always our kernel on CUDA tensors; an error if it cannot be used.
+- ``'cuda'``: always our kernel on CUDA tensors, an error if it cannot be used; PyTorch on CPU.
 """
 from __future__ import annotations
 
@@ -41,10 +43,15 @@ class DepthwiseConv2d(nn.Conv2d):
         self.impl = check_impl(impl)
 
     def _use_extension(self, x: torch.Tensor) -> bool:
-        if not x.is_cuda or self.impl == 'torch' or torch.compiler.is_compiling():
+        if self.impl == 'torch' or torch.compiler.is_compiling():
             return False
         kernels = _kernels()
         k, s = self.kernel_size[0], self.stride[0]
+        if not x.is_cuda:
+            return (self.impl == 'auto' and x.device.type == 'cpu' and torch.is_grad_enabled()
+                    and (x.requires_grad or self.weight.requires_grad) and not torch.is_autocast_enabled('cpu')
+                    and kernels is not None and kernels.supports(k, s) and kernels.preferred(k, s, x.dtype, 'cpu')
+                    and kernels.is_usable(x.device))
         if self.impl == 'cuda':
             if kernels is not None and not kernels.supports(k, s):
                 raise RuntimeError(f'MODEL.DWCONV_IMPL "cuda" has no kernel for size {k} stride {s} '
@@ -62,6 +69,14 @@ class DepthwiseConv2d(nn.Conv2d):
         if self._use_extension(x):
             return _kernels().depthwise_conv2d(x, self.weight, self.bias, self.stride[0])
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+    def forward_after_gelu(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
+        """``self(a) + a`` (``residual``, stride 1) or ``self(a)``, with ``a = GELU(x)``. Where our CPU
+        kernel runs, one op that stores only ``x`` for backward, not ``a`` as well."""
+        if not x.is_cuda and self._use_extension(x):
+            return _kernels().gelu_depthwise_conv2d(x, self.weight, self.bias, self.stride[0], residual)
+        a = F.gelu(x)
+        return a + self(a) if residual else self(a)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f', impl={self.impl}'

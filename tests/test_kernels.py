@@ -1,8 +1,9 @@
-"""kernels/dwconv: it compiles here, it falls back safely, and (on a GPU) it matches F.conv2d.
+"""kernels/dwconv: it compiles here, it falls back safely, and it matches F.conv2d: on CPU (our weight
+gradient, built with the system C++ compiler) always, on a GPU (the CUDA kernels) when there is one.
 
-The compile test is the slow one (about 80 s on 2 cores): one real JIT build per test run, shared by
-every test that needs the module. Without nvcc it is skipped; without a GPU the kernels cannot run,
-so the comparisons with cuDNN are skipped and the CPU tests check the build, the fallback and the
+The CUDA compile test is the slow one (about 80 s on 2 cores): one real JIT build per test run, shared
+by every test that needs the module. Without nvcc it is skipped; without a GPU the CUDA kernels cannot
+run, so the comparisons with cuDNN are skipped and the CPU tests check the build, the fallback and the
 self-check logic.
 """
 import logging
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels.dwconv as dwconv
+from kernels.dwconv import cpu as dwconv_cpu
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -49,6 +51,7 @@ def fresh_state(monkeypatch):
     """Forget the process-wide build and self-check results for the duration of a test."""
     monkeypatch.setattr(dwconv, '_extension', {})
     monkeypatch.setattr(dwconv, '_usable', {})
+    monkeypatch.setattr(dwconv_cpu, '_library', {})
 
 
 def reference_op(x, w, b, stride):
@@ -67,9 +70,9 @@ def test_extension_compiles_with_this_machines_nvcc(extension):
         assert callable(getattr(extension, name)), name
 
 
-def test_never_usable_on_cpu():
-    assert not dwconv.is_usable(torch.device('cpu'))
-    assert not dwconv.is_usable('cpu')
+def test_never_usable_on_other_devices():
+    assert not dwconv.is_usable(torch.device('meta'))
+    assert not dwconv.is_usable('not a device')
 
 
 def test_failed_build_warns_once_and_returns_none(fresh_state, monkeypatch, tmp_path, caplog):
@@ -157,12 +160,144 @@ def test_supported_and_preferred_cases():
     # 'auto' keeps cuDNN until a GPU benchmark lists cases in PREFERRED_CASES.
     assert not any(dwconv.preferred(k, s, d) for k in range(3, 32, 2) for s in (1, 2)
                    for d in (torch.float16, torch.bfloat16, torch.float32))
+    # On CPU ours is measured faster for fp32 kernels >= 5 (bench_dwconv.py --device cpu).
+    assert dwconv.preferred(5, 2, torch.float32, 'cpu') and dwconv.preferred(9, 1, torch.float32, 'cpu')
+    assert not dwconv.preferred(3, 1, torch.float32, 'cpu') and not dwconv.preferred(5, 1, torch.bfloat16, 'cpu')
 
 
 def test_preferred_follows_the_measured_table(monkeypatch):
     monkeypatch.setattr(dwconv, 'PREFERRED_CASES', ((range(7, 32, 2), (1, 2), (torch.float16, torch.bfloat16)),))
     assert dwconv.preferred(7, 1, torch.bfloat16) and dwconv.preferred(9, 2, torch.float16)
     assert not dwconv.preferred(5, 1, torch.float16) and not dwconv.preferred(9, 1, torch.float32)
+
+
+# --- on CPU: our depthwise weight gradient ------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def cpu_library(tmp_path_factory):
+    """A real build of dwconv_cpu.cpp with this machine's C++ compiler, into a fresh folder."""
+    saved, dwconv_cpu._library = dwconv_cpu._library, {}
+    start = time.perf_counter()
+    try:
+        function = dwconv_cpu.load_library(str(tmp_path_factory.mktemp('cpu_build')))
+    finally:
+        dwconv_cpu._library = saved
+    print(f'\nkernels/dwconv CPU kernel compiled in {time.perf_counter() - start:.1f} s')
+    assert function is not None, 'the CPU kernel failed to compile (see the warning above)'
+    return function
+
+
+def gradients(op, x, w, b, stride, grad_seed=0):
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    out = op(x, w, b, stride)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(memory_format=(
+        torch.channels_last if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        else torch.contiguous_format))
+    return (out, *torch.autograd.grad(out, (x, w, b), grad))
+
+
+def assert_close_to(got, want, what):
+    for name, a, r in zip(('output', 'input grad', 'weight grad', 'bias grad'), got, want):
+        assert a.shape == r.shape, (what, name)
+        assert torch.allclose(a, r, rtol=1e-4, atol=1e-4 * r.abs().max().item()), \
+            f'{what}: {name} differs by {(a - r).abs().max().item():.3g}'
+
+
+@pytest.mark.parametrize('kernel_size,stride,shape', [
+    (5, 1, (4, 128, 14, 14)),   # FAT's FFN conv; two channel blocks of 64
+    (5, 2, (3, 70, 13, 9)),     # odd sizes, a partial channel block, stride 2
+    (3, 1, (2, 7, 5, 6)),
+    (7, 2, (1, 5, 8, 11)),      # batch 1
+    (9, 1, (2, 256, 7, 7)),     # kernel larger than half the map
+    (31, 1, (1, 3, 4, 40)),     # kernel larger than the map
+])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_cpu_weight_gradient_matches_pytorch(cpu_library, kernel_size, stride, shape, channels_last):
+    g = torch.Generator().manual_seed(kernel_size * 10 + stride)
+    x = torch.randn(shape, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], 1, kernel_size, kernel_size, generator=g)
+    b = torch.randn(shape[1], generator=g)
+    ours = lambda x, w, b, s: dwconv_cpu.DepthwiseConv2dCPUFunction.apply(x, w, b, s, cpu_library)  # noqa: E731
+    got = gradients(ours, x, w, b, stride)
+    assert_close_to(got, gradients(reference_op, x, w, b, stride), f'k{kernel_size} s{stride} {shape}')
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert got[1].is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_cpu_threads_split_rows_exactly(cpu_library):
+    """More threads than output rows, and a row count that does not divide: same sums."""
+    x, go = torch.randn(1, 9, 3, 5), torch.randn(1, 9, 3, 5)
+    want = torch.ops.aten.convolution_backward(go, x, torch.zeros(9, 1, 5, 5), [9], [1, 1], [2, 2], [1, 1], False,
+                                               [0, 0], 9, [False, True, True])
+    for threads in (1, 2, 3, 7):
+        torch.set_num_threads(threads)
+        try:
+            got = dwconv_cpu.weight_bias_grad(cpu_library, go, x, 5, 1)
+        finally:
+            torch.set_num_threads(2)
+        assert torch.allclose(got[0], want[1], atol=1e-5) and torch.allclose(got[1], want[2], atol=1e-5), threads
+
+
+@pytest.mark.parametrize('residual,stride', [(True, 1), (False, 1), (False, 2)])
+def test_gelu_depthwise_conv_matches_and_stores_only_its_input(cpu_library, residual, stride):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, 12, 10, generator=g).to(memory_format=torch.channels_last)
+    w, b = torch.randn(64, 1, 5, 5, generator=g), torch.randn(64, generator=g)
+
+    def fused(x, w, b, s):
+        return dwconv_cpu.DepthwiseConv2dCPUFunction.apply(x, w, b, s, cpu_library, True, residual)
+
+    def unfused(x, w, b, s):
+        a = F.gelu(x)
+        return reference_op(a, w, b, s) + a if residual else reference_op(a, w, b, s)
+
+    assert_close_to(gradients(fused, x, w, b, stride), gradients(unfused, x, w, b, stride), 'gelu + dwconv')
+
+    def saved_bytes(op):
+        total = []
+        xg, wg, bg = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            op(xg, wg, bg, stride)
+        return sum(total)
+    # fused keeps x and the weight; unfused also keeps GELU's output for the conv
+    assert saved_bytes(fused) == x.numel() * 4 + w.numel() * 4
+    assert saved_bytes(unfused) >= 2 * x.numel() * 4
+
+
+def test_gelu_depthwise_conv_rejects_a_strided_residual():
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match='residual depthwise conv needs stride 1'):
+        dwconv.gelu_depthwise_conv2d(x, torch.randn(4, 1, 5, 5), None, 2, residual=True)
+
+
+def test_cpu_path_is_fp32_only(cpu_library):
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match='fp32 CPU tensors outside autocast'):
+        dwconv.depthwise_conv2d(x, torch.randn(4, 1, 5, 5, dtype=torch.float64), None, 1)
+
+
+def test_cpu_kernel_is_usable_after_a_real_build(fresh_state, monkeypatch, tmp_path):
+    monkeypatch.setenv('FAT_KERNELS_BUILD_DIR', str(tmp_path))
+    assert dwconv.is_usable('cpu')
+    assert [p.name for p in tmp_path.glob('cpu-*/*')] == [dwconv_cpu.LIBRARY_NAME]  # no temporary files left
+
+
+def test_failed_cpu_build_warns_once_and_pytorch_is_used(fresh_state, monkeypatch, tmp_path, caplog):
+    bogus = tmp_path / 'bogus.cpp'
+    bogus.write_text('this is not C++;\n')
+    monkeypatch.setattr(dwconv_cpu, 'SOURCE', str(bogus))
+    monkeypatch.setenv('FAT_KERNELS_BUILD_DIR', str(tmp_path / 'build'))
+    with caplog.at_level(logging.WARNING, logger='kernels.dwconv'):
+        assert dwconv.load_cpu_library() is None
+        assert dwconv.load_cpu_library() is None
+        assert not dwconv.is_usable('cpu')
+    messages = warnings_from(caplog)
+    assert any('CPU kernel could not be built' in m and 'error' in m for m in messages), messages
+    assert sum('could not be built' in m for m in messages) == 2, messages  # the build, then is_usable once
+    assert not list((tmp_path / 'build').glob('cpu-*/*.so'))  # no half-written library left behind
 
 
 # --- on a GPU ------------------------------------------------------------------------------------

@@ -352,7 +352,7 @@ def test_dwconv_impl_keeps_parameters_and_keys():
         tiny_model(dwconv_impl='triton')
 
 
-def test_dwconv_dispatches_to_extension_only_on_cuda(monkeypatch):
+def test_dwconv_dispatches_cuda_tensors_to_the_extension(monkeypatch):
     import types
     from models import dwconv
 
@@ -371,10 +371,65 @@ def test_dwconv_dispatches_to_extension_only_on_cuda(monkeypatch):
     conv = dwconv.create_dwconv(8, 7, impl='cuda')
     x = torch.randn(1, 8, 9, 9)
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 3, 1, 8))
-    assert not calls, 'CPU tensors never reach the extension'
+    assert not calls, "impl 'cuda' leaves CPU tensors on PyTorch"
     monkeypatch.setattr(dwconv.DepthwiseConv2d, '_use_extension', lambda self, x: True)
     conv(x)
     assert calls == [(torch.Size([8, 1, 7, 7]), 1)]
+
+
+def grad_fn_names(output):
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return names
+
+
+def test_cpu_training_uses_our_depthwise_gradients_and_matches_pytorch():
+    import kernels.dwconv
+    if not kernels.dwconv.is_usable('cpu'):
+        pytest.fail('the CPU depthwise kernel did not build here (see the warning above)')
+    torch.manual_seed(0)
+    ours = tiny_model().train().to(memory_format=torch.channels_last)
+    plain = models.set_dwconv_impl(tiny_model().train(), 'torch').to(memory_format=torch.channels_last)
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 3, 72, 56).to(memory_format=torch.channels_last)
+    out_ours, out_plain = ours(x), plain(x)
+    torch.testing.assert_close(out_ours, out_plain, rtol=1e-5, atol=1e-5)
+    assert 'DepthwiseConv2dCPUFunctionBackward' in grad_fn_names(out_ours)
+    assert 'DepthwiseConv2dCPUFunctionBackward' not in grad_fn_names(out_plain)
+    out_ours.square().sum().backward()
+    out_plain.square().sum().backward()
+    scale = max(p.grad.abs().max() for p in plain.parameters())
+    for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    with torch.no_grad():  # inference never takes the autograd path
+        conv = ours.stages[1].blocks[0].cpe
+        assert not conv._use_extension(torch.randn(1, conv.in_channels, 8, 8, requires_grad=True))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not conv._use_extension(torch.randn(1, conv.in_channels, 8, 8, requires_grad=True))
+
+
+def test_cpu_training_ffn_keeps_one_activation_fewer_for_backward():
+    def saved_bytes(ffn, x):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            ffn(x)
+        return sum(sizes)
+
+    from models.fat import ConvFFN
+    torch.manual_seed(0)
+    ffn = ConvFFN(16, 64, 16, 5, 1).train()
+    x = torch.randn(2, 16, 20, 20, requires_grad=True)
+    fused = saved_bytes(ffn, x)
+    unfused = saved_bytes(models.set_dwconv_impl(ffn, 'torch'), x)
+    hidden_map = 2 * 64 * 20 * 20 * 4
+    assert unfused - fused == hidden_map
 
 
 def test_dwconv_cuda_impl_fails_loudly_when_extension_unusable(monkeypatch):

@@ -1,13 +1,20 @@
-"""Our CUDA depthwise convolution for FAT's large kernels, with a self-check and a PyTorch fallback.
+"""Our depthwise convolution for FAT's large kernels (CUDA kernels, and a CPU weight gradient), with
+a self-check and a PyTorch fallback.
 
 Public API (used by ``models/dwconv.py``; this package imports nothing else from the project):
 
 - ``depthwise_conv2d(x, weight, bias, stride)``: same result as
   ``F.conv2d(x, weight, bias, stride, k // 2, 1, groups=C)``, differentiable in x, weight and bias.
-- ``is_usable(device)``: the extension is built and passed its first-use self-check on ``device``.
+  CUDA tensors run our kernels; fp32 CPU tensors run PyTorch's forward and input gradient with our
+  weight and bias gradients (``cpu.py``).
+- ``gelu_depthwise_conv2d(x, weight, bias, stride, residual=False)``: ``conv(GELU(x))`` (+ ``GELU(x)``)
+  on CPU, storing only ``x`` for backward.
+- ``is_usable(device)``: our code for that device is built and passed its first-use self-check there.
 - ``supports(kernel_size, stride)`` / ``SUPPORTED_KERNEL_SIZES``: the shapes the kernels implement.
-- ``preferred(kernel_size, stride, dtype)``: whether ``MODEL.DWCONV_IMPL: auto`` picks ours.
-- ``load_extension(verbose=False)``: the compiled module (installed, or JIT-built with ninja), or None.
+- ``preferred(kernel_size, stride, dtype, device_type='cuda')``: whether ``MODEL.DWCONV_IMPL: auto``
+  picks ours.
+- ``load_extension(verbose=False)``: the compiled CUDA module (installed, or JIT-built with ninja), or None.
+- ``load_cpu_library()``: the compiled CPU weight-gradient function, or None.
 - ``self_check(device, op=depthwise_conv2d)``: what differs from ``F.conv2d``, or None.
 
 Layout policy: the kernels compute NCHW. A channels_last input is converted to NCHW and the output
@@ -26,8 +33,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ['DepthwiseConv2dFunction', 'PREFERRED_CASES', 'SUPPORTED_KERNEL_SIZES', 'depthwise_conv2d', 'is_usable',
-           'load_extension', 'preferred', 'self_check', 'supports']
+from . import cpu
+
+__all__ = ['DepthwiseConv2dFunction', 'PREFERRED_CASES', 'PREFERRED_CPU_CASES', 'SUPPORTED_KERNEL_SIZES',
+           'depthwise_conv2d', 'gelu_depthwise_conv2d', 'is_usable', 'load_cpu_library', 'load_extension',
+           'preferred', 'self_check', 'supports']
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +54,11 @@ SUPPORTED_STRIDES = (1, 2)
 # torch.bfloat16)).
 PREFERRED_CASES: tuple = ()
 
+# The same for CPU (training: only the weight gradient differs). Measured with bench_dwconv.py --device
+# cpu on 2026-11-25 (2-core AMD EPYC Zen 4): 3.4-10x faster than oneDNN for kernels >= 5 at FAT-B0's
+# shapes, slower for its 3x3 (32 channels at 56x56), fp32 only.
+PREFERRED_CPU_CASES: tuple = ((range(5, 32, 2), (1, 2), (torch.float32,)),)
+
 _lock = threading.Lock()
 _extension: Dict[str, object] = {}
 _usable: Dict[str, bool] = {}
@@ -54,10 +69,11 @@ def supports(kernel_size: int, stride: int) -> bool:
     return kernel_size in SUPPORTED_KERNEL_SIZES and stride in SUPPORTED_STRIDES
 
 
-def preferred(kernel_size: int, stride: int, dtype: torch.dtype) -> bool:
-    """Whether 'auto' picks our kernel over cuDNN for this case (listed in ``PREFERRED_CASES``)."""
-    return any(kernel_size in sizes and stride in strides and dtype in dtypes
-               for sizes, strides, dtypes in PREFERRED_CASES)
+def preferred(kernel_size: int, stride: int, dtype: torch.dtype, device_type: str = 'cuda') -> bool:
+    """Whether 'auto' picks ours over PyTorch for this case (listed in ``PREFERRED_CASES`` for CUDA,
+    ``PREFERRED_CPU_CASES`` for CPU)."""
+    cases = PREFERRED_CPU_CASES if device_type == 'cpu' else PREFERRED_CASES
+    return any(kernel_size in sizes and stride in strides and dtype in dtypes for sizes, strides, dtypes in cases)
 
 
 def _cuda_roots() -> List[str]:
@@ -144,6 +160,11 @@ def load_extension(verbose: bool = False):
         return _extension['module']
 
 
+def load_cpu_library():
+    """The CPU weight-gradient function, built on first use into ``build_directory()``, or None."""
+    return cpu.load_library(build_directory())
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
@@ -188,13 +209,36 @@ class DepthwiseConv2dFunction(torch.autograd.Function):
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride, k // 2, 1, groups=C)`` on our kernels (CUDA tensors).
+    """``F.conv2d(x, weight, bias, stride, k // 2, 1, groups=C)`` on our kernels: CUDA tensors, or fp32
+    CPU tensors outside autocast.
 
     Under ``torch.autocast('cuda')`` the input is cast to the autocast dtype, as ``F.conv2d`` does.
     """
-    if x.is_cuda and torch.is_autocast_enabled('cuda'):
-        x = x.to(torch.get_autocast_dtype('cuda'))
-    return DepthwiseConv2dFunction.apply(x, weight, bias, stride)
+    if x.is_cuda:
+        if torch.is_autocast_enabled('cuda'):
+            x = x.to(torch.get_autocast_dtype('cuda'))
+        return DepthwiseConv2dFunction.apply(x, weight, bias, stride)
+    return cpu.DepthwiseConv2dCPUFunction.apply(x, weight, bias, stride, _cpu_function(x))
+
+
+def gelu_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+                          residual: bool = False) -> torch.Tensor:
+    """``conv(a) (+ a if residual)`` with ``a = GELU(x)`` and ``conv`` as in ``depthwise_conv2d``, on
+    fp32 CPU tensors, keeping only ``x`` for backward (GELU is recomputed there)."""
+    if residual and stride != 1:
+        raise ValueError(f'a residual depthwise conv needs stride 1, got {stride}')
+    return cpu.DepthwiseConv2dCPUFunction.apply(x, weight, bias, stride, _cpu_function(x), True, residual)
+
+
+def _cpu_function(x: torch.Tensor):
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu'):
+        raise RuntimeError(f'the depthwise-conv CPU kernel takes fp32 CPU tensors outside autocast, got {x.dtype} '
+                           f'on {x.device}')
+    function = load_cpu_library()
+    if function is None:
+        raise RuntimeError('the depthwise-conv CPU kernel in kernels/dwconv is not available (see the warning '
+                           "above); check kernels.dwconv.is_usable('cpu') first")
+    return function
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
@@ -232,13 +276,14 @@ def self_check(device: torch.device, op: Optional[Callable] = None, tolerance: f
 
 
 def is_usable(device: torch.device) -> bool:
-    """True when the extension is built and passed ``self_check`` on this CUDA device. Checked once
-    per device; a failure logs one warning and stays False. Never raises."""
+    """True when our code for this device (the CUDA extension, or the CPU weight-gradient kernel) is
+    built and passed ``self_check`` there. Checked once per device; a failure logs one warning and
+    stays False. Never raises."""
     try:
         device = torch.device(device)
-        if device.type != 'cuda':
+        if device.type not in ('cuda', 'cpu'):
             return False
-        if device.index is None:
+        if device.type == 'cuda' and device.index is None:
             device = torch.device('cuda', torch.cuda.current_device())
     except Exception:  # no usable CUDA runtime at all
         return False
@@ -248,11 +293,12 @@ def is_usable(device: torch.device) -> bool:
     if known is not None:
         return known
     try:
-        problem = 'it could not be built' if load_extension() is None else self_check(device)
+        loaded = load_extension() if device.type == 'cuda' else load_cpu_library()
+        problem = 'it could not be built' if loaded is None else self_check(device)
     except Exception as error:  # a crashing kernel is as unusable as a wrong one
         problem = f'{type(error).__name__}: {error}'
     if problem:
-        logger.warning(f'the depthwise-conv CUDA extension is not used on {key}: {problem}; '
+        logger.warning(f'our depthwise-conv kernels are not used on {key}: {problem}; '
                        'PyTorch depthwise convolutions are used instead')
     with _lock:
         _usable[key] = problem is None
