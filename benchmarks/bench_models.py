@@ -41,7 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FAT_MODELS = ['fat_b0', 'fat_b1', 'fat_b2', 'fat_b3']
-PEERS = ['edgenext_x_small', 'fastvit_t8', 'repvit_m0_9', 'efficientformerv2_s1', 'mobilevitv2_075']
+# timm models of similar ImageNet top-1: issue #2's set, then #6's additions
+PEERS = ['edgenext_x_small', 'fastvit_t8', 'repvit_m0_9', 'efficientformerv2_s1', 'mobilevitv2_075',
+         'edgenext_small', 'fastvit_t12', 'repvit_m1_1', 'mobilevitv2_100']
 MODES = ['eager', 'channels_last', 'fused', 'compiled']
 LITERAL_SUFFIX = '_literal'
 
