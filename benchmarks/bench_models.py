@@ -221,7 +221,7 @@ def main() -> None:
     print('# ' + title)
     modes = [m for m in args.modes if not (m == 'fused' and args.task == 'train')]
     runs = []
-    for repeat in range(args.repeat):
+    for _ in range(args.repeat):
         for name in args.models:
             for batch_size in args.batch_size:
                 for img_size in args.img_size:

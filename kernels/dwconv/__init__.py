@@ -140,29 +140,39 @@ def _build(verbose: bool):
             os.environ.pop('TORCH_CUDA_ARCH_LIST', None)
 
 
+def _load_once(key: str, load: Callable[[], object], what: str):
+    """``load()``, once per process; on failure one warning saying why, and None from then on."""
+    with _lock:
+        if key not in _extension:
+            try:
+                _extension[key] = load()
+            except BaseException as error:  # noqa: B036 -- a build may also end in SystemExit
+                if isinstance(error, KeyboardInterrupt):
+                    raise
+                logger.warning(f'{what} could not be built ({_error_summary(error)}); '
+                               'PyTorch depthwise convolutions are used instead')
+                _extension[key] = None
+        return _extension[key]
+
+
+def _installed_or_built(verbose: bool):
+    try:
+        import fat_dwconv_cuda as module
+    except ImportError:
+        module = _build(verbose)
+    return module
+
+
 def load_extension(verbose: bool = False):
     """The compiled extension: an installed build (``pip install ./kernels/dwconv``) first, else
     JIT-built with ninja, once per process. On failure: one warning saying why, and None."""
-    with _lock:
-        if 'module' not in _extension:
-            try:
-                import fat_dwconv_cuda as module
-            except ImportError:
-                try:
-                    module = _build(verbose)
-                except BaseException as error:  # noqa: B036 -- a build may also end in SystemExit
-                    if isinstance(error, KeyboardInterrupt):
-                        raise
-                    logger.warning(f'the depthwise-conv CUDA extension could not be built '
-                                   f'({_error_summary(error)}); PyTorch depthwise convolutions are used instead')
-                    module = None
-            _extension['module'] = module
-        return _extension['module']
+    return _load_once('module', lambda: _installed_or_built(verbose), 'the depthwise-conv CUDA extension')
 
 
 def load_cpu_library():
-    """The CPU weight-gradient function, built on first use into ``build_directory()``, or None."""
-    return cpu.load_library(build_directory())
+    """The CPU weight-gradient function, built on first use into ``build_directory()``, once per
+    process. On failure: one warning saying why, and None."""
+    return _load_once('cpu', lambda: cpu.build_library(build_directory()), 'the depthwise-conv CPU kernel')
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:

@@ -6,32 +6,26 @@ stay on PyTorch, which is fast for them; only the weight and bias gradients chan
 
 The source is a plain C function (no torch headers), built with the system C++ compiler on first use
 in about a second, for this machine's CPU (``-march=native``), into the kernels' cache folder, and
-loaded with ctypes. A failed build logs one warning and leaves PyTorch's gradient in place.
+loaded with ctypes. A failed build logs one warning (``kernels.dwconv.load_cpu_library``) and leaves
+PyTorch's gradient in place.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-import threading
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger('kernels.dwconv')
-
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dwconv_cpu.cpp')
 LIBRARY_NAME = 'libfat_dwconv_cpu.so'
 COMPILE_FLAGS = ['-O3', '-march=native', '-shared', '-fPIC', '-pthread', '-std=c++17']
-
-_lock = threading.Lock()
-_library: dict = {}
 
 
 def _cpu_identity() -> str:
@@ -73,26 +67,20 @@ def _build(path: str, compiler: str) -> None:
             os.remove(tmp)
 
 
-def load_library(build_root: str):
-    """The compiled weight-gradient function (built on first use), or None with one warning."""
-    with _lock:
-        if 'function' not in _library:
-            function = None
-            try:
-                compiler = _compiler()
-                if compiler is None:
-                    raise RuntimeError('no C++ compiler found (set CXX)')
-                path = library_path(build_root, compiler)
-                if not os.path.exists(path):
-                    _build(path, compiler)
-                function = ctypes.CDLL(path).fat_dwconv_weight_bias_grad_nhwc
-                function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 10
-                function.restype = ctypes.c_int
-            except Exception as error:
-                logger.warning(f'the depthwise-conv CPU kernel could not be built ({error}); '
-                               'PyTorch computes the depthwise weight gradients on CPU')
-            _library['function'] = function
-        return _library['function']
+def build_library(build_root: str):
+    """The compiled weight-gradient function, built into ``build_root`` unless already there. Raises
+    when there is no compiler or the build fails (``kernels.dwconv.load_cpu_library`` turns that into
+    one warning)."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError('no C++ compiler found (set CXX)')
+    path = library_path(build_root, compiler)
+    if not os.path.exists(path):
+        _build(path, compiler)
+    function = ctypes.CDLL(path).fat_dwconv_weight_bias_grad_nhwc
+    function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 10
+    function.restype = ctypes.c_int
+    return function
 
 
 def weight_bias_grad(function, grad_out: torch.Tensor, x: torch.Tensor, kernel_size: int,
