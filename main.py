@@ -30,9 +30,9 @@ from lr_scheduler import build_scheduler
 from models import build_model, count_macs
 from optimizer import build_optimizer
 from utils import (NonFiniteLossError, Preempted, StopSignal, UserInputError, all_finite, all_reduce_sum, amp_dtype,
-                   autocast, init_distributed, is_distributed, load_checkpoint_file, load_model_weights,
-                   load_resume_checkpoint, memory_used_mb, prepare_output, rng_state, run_entry_point, save_checkpoint,
-                   seed_everything, set_rng_state, unwrap_model)
+                   autocast, init_distributed, is_distributed, keep_freed_memory, load_checkpoint_file,
+                   load_model_weights, load_resume_checkpoint, memory_used_mb, prepare_output, rng_state,
+                   run_entry_point, save_checkpoint, seed_everything, set_rng_state, unwrap_model)
 
 
 def parse_option() -> Tuple[argparse.Namespace, object]:
@@ -280,6 +280,7 @@ def save(config, run: Run, out_dir: str, rank: int, logger, is_best: bool = Fals
 
 def main(config) -> None:
     rank, world_size, device = init_distributed(config.DEVICE)
+    heap_reuse = device.type == 'cpu' and keep_freed_memory()
     seed_everything(config.SEED + rank)
     out_dir = prepare_output(config)
     logger = create_logger(out_dir, rank, name=config.MODEL.NAME)
@@ -301,7 +302,8 @@ def main(config) -> None:
     logger.info(f'config:\n{config.dump()}')
     precision = amp_dtype(config, device)
     logger.info(f'{world_size} process(es) on {device}; {torch.get_num_threads()} CPU threads per process; '
-                f'{"autocast " + str(precision).split(".")[-1] if precision else "fp32"}')
+                f'{"autocast " + str(precision).split(".")[-1] if precision else "fp32"}'
+                f'{"; large blocks kept on the heap for reuse (glibc mallopt)" if heap_reuse else ""}')
 
     try:
         model = build_model(config)

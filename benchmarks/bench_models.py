@@ -52,6 +52,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what the platform module knows."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        return platform.processor() or 'cpu'
+
+
 def build(name: str, mode: str, task: str, device: torch.device) -> torch.nn.Module:
     import timm
     from timm.utils.model import reparameterize_model
@@ -96,9 +105,13 @@ def make_step(model: torch.nn.Module, task: str, x: torch.Tensor):
     return step
 
 
-def measure(name: str, mode: str, task: str, batch_size: int, img_size: int, device: str, min_seconds: float) -> dict:
+def measure(name: str, mode: str, task: str, batch_size: int, img_size: int, device: str, min_seconds: float,
+            malloc: str) -> dict:
     """Run in a worker process: build, warm up, time; return img/s and memory."""
     dev = torch.device(device)
+    if dev.type == 'cpu' and malloc == 'heap':
+        from utils import keep_freed_memory
+        keep_freed_memory()
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     model = build(name, mode, task, dev)
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
@@ -131,7 +144,7 @@ def measure(name: str, mode: str, task: str, batch_size: int, img_size: int, dev
 def run_worker(args: argparse.Namespace, name: str, mode: str, batch_size: int, img_size: int) -> dict:
     cmd = [sys.executable, __file__, '--worker', name, mode, '--task', args.task, '--batch-size', str(batch_size),
            '--img-size', str(img_size), '--device', args.device, '--min-seconds', str(args.min_seconds),
-           '--threads', str(args.threads)]
+           '--threads', str(args.threads), '--malloc', args.malloc]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
@@ -202,6 +215,9 @@ def main() -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, default=os.cpu_count())
     parser.add_argument('--min-seconds', type=float, default=5.0, help='timed duration per measurement')
+    parser.add_argument('--malloc', choices=['heap', 'system'], default='heap',
+                        help="CPU: 'heap' keeps large freed blocks for reuse as main.py does (utils.keep_freed_memory) "
+                             "for every model alike; 'system' leaves glibc's default")
     parser.add_argument('--repeat', type=int, default=1,
                         help='run every measurement this many times, interleaved; the table gives the median')
     parser.add_argument('--json', type=Path, help='also write the raw results here')
@@ -212,12 +228,14 @@ def main() -> None:
 
     if args.worker:
         print(json.dumps(measure(*args.worker, args.task, args.batch_size[0], args.img_size[0], args.device,
-                                 args.min_seconds)))
+                                 args.min_seconds, args.malloc)))
         return
 
-    device_name = torch.cuda.get_device_name() if args.device == 'cuda' else (platform.processor() or 'cpu')
+    device_name = torch.cuda.get_device_name() if args.device == 'cuda' else cpu_name()
+    task = 'inference' if args.task == 'infer' else 'training step (fwd+bwd+AdamW)'
+    malloc = '' if args.device == 'cuda' else f'malloc {args.malloc}, '
     title = (f'{time.strftime("%Y-%m-%d")}, {device_name}, {args.threads} threads, torch {torch.__version__}, '
-             f'fp32, {"inference" if args.task == "infer" else "training step (fwd+bwd+AdamW)"} img/s')
+             f'fp32, {malloc}{task} img/s')
     print('# ' + title)
     modes = [m for m in args.modes if not (m == 'fused' and args.task == 'train')]
     runs = []

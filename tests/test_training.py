@@ -128,6 +128,39 @@ def test_throughput_prints_images_per_second(tmp_path):
     rate = float(re.search(r'throughput ([\d.]+) img/s', proc.stdout).group(1))
     assert rate > 0
     assert re.search(r'[\d,]+ parameters, [\d.]+ GMACs', proc.stdout)
+    if sys.platform.startswith('linux'):
+        assert 'large blocks kept on the heap for reuse' in proc.stdout
+
+
+MMAPPED_WHILE_HOLDING_64MB = """
+import ctypes, sys, torch
+sys.path.insert(0, {root!r})
+import utils
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+
+def mmapped_mb_while_holding_64mb():
+    block = torch.ones(16 << 20)
+    return mallinfo2().hblkhd >> 20
+
+before = mmapped_mb_while_holding_64mb()
+took = utils.keep_freed_memory()
+print(before, took, mmapped_mb_while_holding_64mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt')
+def test_cpu_runs_serve_large_blocks_from_the_heap():
+    out = subprocess.run([sys.executable, '-c', MMAPPED_WHILE_HOLDING_64MB.format(root=str(ROOT))],
+                         capture_output=True, text=True, check=True).stdout.split()
+    before, took, after = int(out[0]), out[1], int(out[2])
+    assert before >= 64, 'glibc should mmap a 64 MB block by default'
+    assert took == 'True' and after < 64
 
 
 # --- configuration, LR scaling, optimizer ------------------------------------------------------
