@@ -122,7 +122,8 @@ _C.DEVICE = ''  # cuda or cpu; empty picks cuda when available
 _C.AMP_ENABLE = True  # mixed precision with torch.amp on CUDA (AMP_DTYPE); on CPU only with AMP_CPU
 _C.AMP_DTYPE = 'bf16'  # CUDA autocast type: bf16 (no loss scaling) or fp16 (with GradScaler)
 _C.AMP_CPU = False  # with AMP_ENABLE, bf16 autocast on CPU too (off: slower than fp32 for FAT on the CPUs measured)
-_C.COMPILE = False  # torch.compile the model
+_C.COMPILE = False  # torch.compile the model (--eval / --throughput on CPU: with inductor's weight freezing)
+_C.REPARAM = False  # --eval / --throughput run the deploy form: BatchNorms folded into convs (same logits)
 _C.CHANNELS_LAST = False  # channels_last memory format for model and inputs
 _C.OUTPUT = 'output'  # root of run folders: OUTPUT/MODEL.NAME/TAG
 _C.TAG = 'default'  # run tag
@@ -213,7 +214,7 @@ def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] 
             config.merge_from_list([key, value])
     switches = {'use_checkpoint': ('TRAIN.USE_CHECKPOINT', True), 'disable_amp': ('AMP_ENABLE', False),
                 'eval': ('EVAL_MODE', True), 'throughput': ('THROUGHPUT_MODE', True),
-                'compile': ('COMPILE', True), 'channels_last': ('CHANNELS_LAST', True)}
+                'compile': ('COMPILE', True), 'channels_last': ('CHANNELS_LAST', True), 'reparam': ('REPARAM', True)}
     for arg, (key, value) in switches.items():
         if getattr(args, arg, False):
             config.merge_from_list([key, value])

@@ -54,6 +54,8 @@ def parse_option() -> Tuple[argparse.Namespace, object]:
     parser.add_argument('--device', choices=['cuda', 'cpu'], help='default: cuda when available')
     parser.add_argument('--compile', action='store_true', help='torch.compile the model')
     parser.add_argument('--channels-last', action='store_true', help='channels_last model and inputs')
+    parser.add_argument('--reparam', action='store_true',
+                        help='--eval / --throughput: fold BatchNorms into convs first (deploy form, same logits)')
     parser.add_argument('--seed', type=int, help='random seed')
     parser.add_argument('--debug', action='store_true', help='show full tracebacks for input errors')
     args = parser.parse_args()
@@ -238,6 +240,23 @@ def validate(config, model, loader, device) -> Tuple[float, float, float]:
     return 100 * top1 / count, 100 * top5 / count, loss / count
 
 
+def inference_model(config, model: nn.Module, device: torch.device, logger: logging.Logger) -> nn.Module:
+    """The model --eval and --throughput run: in eval mode, in deploy form with REPARAM, compiled with
+    COMPILE (on CPU with inductor's weight freezing, PyTorch's CPU inference recipe: it prepacks the
+    conv weights and fuses activations into them; safe here because the weights no longer change)."""
+    model.eval()
+    if config.REPARAM:
+        n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        model.reparameterize()
+        logger.info(f'deploy form: {n_norms} BatchNorms and the depthwise residuals folded into the convs')
+    if not config.COMPILE:
+        return model
+    if device.type == 'cpu':
+        import torch._inductor.config  # only here: its import takes most of a second
+        torch._inductor.config.freezing = True
+    return torch.compile(model)
+
+
 @torch.no_grad()
 def throughput(config, model, device, logger: logging.Logger) -> float:
     """Inference images per second at DATA.BATCH_SIZE and DATA.IMG_SIZE, timed after warm-up."""
@@ -320,13 +339,13 @@ def main(config) -> None:
         model.to(memory_format=torch.channels_last)
 
     if config.THROUGHPUT_MODE:
-        throughput(config, torch.compile(model) if config.COMPILE else model, device, logger)
+        throughput(config, inference_model(config, model, device, logger), device, logger)
         return
     if config.EVAL_MODE:
         if not config.MODEL.RESUME:
             raise UserInputError('--eval needs a checkpoint: pass --resume CKPT')
         load_model_weights(model, config.MODEL.RESUME, logger)
-        acc1, acc5, loss = validate(config, torch.compile(model) if config.COMPILE else model, loader_val, device)
+        acc1, acc5, loss = validate(config, inference_model(config, model, device, logger), loader_val, device)
         logger.info(f'Accuracy of the network on the {len(dataset_val)} test images: {acc1:.2f}% '
                     f'(top-5 {acc5:.2f}%, loss {loss:.4f})')
         return

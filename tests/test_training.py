@@ -65,6 +65,10 @@ def accuracy(stdout: str) -> float:
     return float(re.findall(r'Accuracy of the network on the \d+ test images: ([\d.]+)%', stdout)[-1])
 
 
+def loss(stdout: str) -> float:
+    return float(re.findall(r'Accuracy of the network .* loss ([\d.]+)\)', stdout)[-1])
+
+
 def test_train_one_process_writes_outputs_then_auto_resumes(image_folder, tmp_path):
     run = tmp_path / 'fat_b0' / 'default'
     first = run_main(*train_args(image_folder, tmp_path, 'SAVE_FREQ', '1'))
@@ -102,6 +106,9 @@ def test_eval_of_own_checkpoint_reproduces_training_accuracy(image_folder, tmp_p
     evaluated = run_main('--eval', '--resume', run / 'ckpt_last.pth', *train_args(image_folder, tmp_path))
     assert accuracy(evaluated.stdout) == accuracy(trained.stdout)
     assert 'top-5' in evaluated.stdout and 'loss' in evaluated.stdout
+    deployed = run_main('--eval', '--reparam', '--resume', run / 'ckpt_last.pth', *train_args(image_folder, tmp_path))
+    assert 'deploy form' in deployed.stdout
+    assert loss(deployed.stdout) == pytest.approx(loss(evaluated.stdout), abs=1e-4)
     assert yaml.safe_load((run / 'config.yaml').read_text())['EVAL_MODE'] is False, 'eval keeps the run config'
 
 
@@ -123,10 +130,12 @@ def test_eval_accepts_authors_and_bare_checkpoints(tmp_path, wrap):
     assert 0 <= accuracy(proc.stdout) <= 100
 
 
-def test_throughput_prints_images_per_second(tmp_path):
-    proc = run_main('--throughput', '--output', tmp_path, '--batch-size', 2, '--opts', *TINY_OPTS)
+@pytest.mark.parametrize('flags', [[], ['--reparam', '--compile', '--channels-last']])
+def test_throughput_prints_images_per_second(tmp_path, flags):
+    proc = run_main('--throughput', *flags, '--output', tmp_path, '--batch-size', 2, '--opts', *TINY_OPTS)
     rate = float(re.search(r'throughput ([\d.]+) img/s', proc.stdout).group(1))
     assert rate > 0
+    assert ('deploy form' in proc.stdout) == ('--reparam' in flags)
     assert re.search(r'[\d,]+ parameters, [\d.]+ GMACs', proc.stdout)
     if sys.platform.startswith('linux'):
         assert 'large blocks kept on the heap for reuse' in proc.stdout
