@@ -17,7 +17,6 @@ kernels/dwconv from this table.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_models import cpu_name  # noqa: E402
 
 DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': torch.float32}
 WIDTHS = (32, 80, 160, 256)
@@ -92,7 +93,7 @@ def main() -> None:
         device_name, reference = torch.cuda.get_device_name(), 'cuDNN'
     else:
         args.dtype = [d for d in args.dtype if d == 'fp32']
-        device_name, reference = f'{platform.processor() or "cpu"}, {torch.get_num_threads()} threads', 'oneDNN'
+        device_name, reference = f'{cpu_name()}, {torch.get_num_threads()} threads', 'oneDNN'
     if not dwconv.is_usable(torch.device(args.device)):
         print('bench_dwconv: our kernels are not usable on this device (see the warning above).')
         return

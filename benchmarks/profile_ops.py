@@ -41,7 +41,7 @@ def category(op_name: str) -> str:
         return 'convolution'
     if 'scaled_dot_product' in name or 'attention' in name:
         return 'attention'
-    if name in ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::linear', 'mkldnn::_linear_pointwise'):
+    if 'linear' in name or name in ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::matmul'):
         return 'matmul'
     return 'other'
 
