@@ -219,6 +219,9 @@ def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] 
         if getattr(args, arg, False):
             config.merge_from_list([key, value])
     _check_choices(config, '--opts', choices)
+    if config.REPARAM and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+        raise ConfigError('REPARAM (--reparam) folds the BatchNorms for --eval or --throughput; '
+                          'a training run cannot use it')
     config.freeze()
 
 

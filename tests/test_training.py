@@ -212,6 +212,12 @@ def test_a_value_outside_a_keys_choices_is_named(opts, fragment):
         config_from(*opts)
 
 
+def test_reparam_is_refused_for_training():
+    with pytest.raises(ConfigError, match=r'REPARAM \(--reparam\).*training run'):
+        config_from('REPARAM', 'True')
+    assert config_from('REPARAM', 'True', 'EVAL_MODE', 'True').REPARAM
+
+
 @pytest.mark.parametrize('device,opts,dtype', [
     ('cuda', [], torch.bfloat16),
     ('cuda', ['AMP_DTYPE', 'fp16'], torch.float16),
