@@ -21,15 +21,13 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_models import build, cpu_name  # noqa: E402
-from models.flops import _EXTRA_FORMULAS  # noqa: E402
+from models.flops import macs_by_op  # noqa: E402
 from utils import keep_freed_memory  # noqa: E402
 
 CATEGORIES = ('convolution', 'attention', 'matmul', 'other')
@@ -46,13 +44,11 @@ def category(op_name: str) -> str:
     return 'other'
 
 
-def macs_by_category(model: torch.nn.Module, x: torch.Tensor) -> Counter:
+def macs_by_category(model: torch.nn.Module, img_size: int) -> Counter:
     """Multiply-accumulates per image of one forward, by category (the model as given, before compiling)."""
-    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
-        model(x[:1])
     macs: Counter = Counter()
-    for op, flops in counter.get_flop_counts()['Global'].items():
-        macs[category(f'aten::{op.__name__.split(".")[0]}')] += flops // 2
+    for op, count in macs_by_op(model, (3, img_size, img_size)).items():
+        macs[category(f'aten::{op}')] += count
     return macs
 
 
@@ -91,7 +87,7 @@ def main() -> None:
     for name in args.models:
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size).to(memory_format=torch.channels_last)
         model = build(name, args.mode, 'infer', torch.device('cpu'))
-        macs = macs_by_category(getattr(model, '_orig_mod', model), x)
+        macs = macs_by_category(getattr(model, '_orig_mod', model), args.img_size)
         wall, seconds = time_by_category(model, x, args.batches)
         conv_rate = macs['convolution'] * args.batch_size / seconds['convolution'] / 1e9
         cells = [name, f'{args.batch_size / wall:.1f}', f'{macs["convolution"] / 1e9:.3f}',

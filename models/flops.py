@@ -1,7 +1,7 @@
 """FLOP counting with torch.utils.flop_counter, attention included on every device."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,8 +18,9 @@ _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> int:
-    """Multiply-accumulates of one forward pass on one image (torch's FLOP count / 2), in eval mode."""
+def macs_by_op(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> Dict[str, int]:
+    """Multiply-accumulates of one forward pass on one image, per aten op (``'convolution'``,
+    ``'addmm'``, ...), in eval mode."""
     param = next(model.parameters())
     x = torch.randn(1, *input_size, device=param.device, dtype=param.dtype)
     was_training = model.training
@@ -29,4 +30,9 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> i
             model(x)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() // 2
+    return {op.__name__: flops // 2 for op, flops in counter.get_flop_counts()['Global'].items()}
+
+
+def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> int:
+    """Multiply-accumulates of one forward pass on one image (torch's FLOP count / 2), in eval mode."""
+    return sum(macs_by_op(model, input_size).values())
