@@ -414,14 +414,7 @@ def test_cpu_training_uses_our_depthwise_gradients_and_matches_pytorch():
         assert not conv._use_extension(torch.randn(1, conv.in_channels, 8, 8, requires_grad=True))
 
 
-def test_cpu_training_ffn_keeps_one_activation_fewer_for_backward():
-    def saved_bytes(ffn, x):
-        sizes = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
-                                                      lambda t: t):
-            ffn(x)
-        return sum(sizes)
-
+def test_cpu_training_ffn_keeps_one_activation_fewer_for_backward(saved_bytes):
     from models.fat import ConvFFN
     torch.manual_seed(0)
     ffn = ConvFFN(16, 64, 16, 5, 1).train()
