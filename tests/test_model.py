@@ -415,6 +415,10 @@ def test_cpu_training_uses_our_depthwise_gradients_and_matches_pytorch():
 
 
 def test_cpu_training_ffn_keeps_one_activation_fewer_for_backward(saved_bytes):
+    import kernels.dwconv
+    # also runs the kernel's first-use self-check now, not inside the measurement below
+    if not kernels.dwconv.is_usable('cpu'):
+        pytest.fail('the CPU depthwise kernel did not build here (see the warning above)')
     from models.fat import ConvFFN
     torch.manual_seed(0)
     ffn = ConvFFN(16, 64, 16, 5, 1).train()
