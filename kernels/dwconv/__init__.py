@@ -55,8 +55,9 @@ SUPPORTED_STRIDES = (1, 2)
 PREFERRED_CASES: tuple = ()
 
 # The same for CPU (training: only the weight gradient differs). Measured with bench_dwconv.py --device
-# cpu on 2026-11-25 (2-core AMD EPYC Zen 4): 3.4-10x faster than oneDNN for kernels >= 5 at FAT-B0's
-# shapes, slower for its 3x3 (32 channels at 56x56), fp32 only.
+# cpu on 2026-11-25: forward + backward 1.4-4.6x oneDNN's for kernels >= 5 at FAT-B0's stage widths on a
+# 2-core AMD EPYC Zen 4, 1.0-2.7x on a 2-core Intel Xeon (a few small refined-downsampling steps slower on
+# each); slower for its 3x3 (32 channels at 56x56); fp32 only.
 PREFERRED_CPU_CASES: tuple = ((range(5, 32, 2), (1, 2), (torch.float32,)),)
 
 _lock = threading.Lock()
