@@ -1,16 +1,19 @@
-"""yacs defaults for every run, and the merge of a yaml file, --opts and command-line flags.
+"""yacs defaults for every run, and the command line: a yaml file, --opts and flags merged into them.
 
-Key names follow the Swin Transformer / FAT codebases so their users' habits carry over. Each
-yaml may name `BASE: ['other.yaml']` files that it builds on.
+Key names follow the Swin Transformer / FAT codebases so their users' habits carry over. A yaml may
+name ``BASE: ['other.yaml']`` files that it builds on, relative to itself. Only yaml is read: yacs
+would execute a ``.py`` config, so those are refused.
 """
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
+
+from utils import ConfigError
 
 _C = CN()
 _C.BASE = ['']  # yaml files this one builds on, relative to it
@@ -25,7 +28,7 @@ _C.DATA.DATASET = 'imagenet'  # 'imagenet' (any ImageFolder) or 'digits' (made f
 _C.DATA.IMG_SIZE = 224  # training and test resolution
 _C.DATA.IN_CHANS = 3  # image channels fed to the model
 _C.DATA.INTERPOLATION = 'bicubic'  # resize interpolation: random, bilinear, bicubic
-_C.DATA.PIN_MEMORY = True  # page-locked host memory for faster host-to-GPU copies
+_C.DATA.PIN_MEMORY = True  # page-locked host memory for faster host-to-GPU copies (CUDA runs only)
 _C.DATA.NUM_WORKERS = 8  # data-loading worker processes per training process
 _C.DATA.PREFETCH_FACTOR = 4  # batches each worker loads ahead
 _C.DATA.SKIP_CORRUPT = False  # replace unreadable images by the next readable one (and count them) instead of stopping
@@ -34,7 +37,7 @@ _C.DATA.SKIP_CORRUPT = False  # replace unreadable images by the next readable o
 # Model
 # -----------------------------------------------------------------------------------------------
 _C.MODEL = CN()
-_C.MODEL.TYPE = 'fat'  # model family built by models.build_model
+_C.MODEL.VARIANT = 'fat_b0'  # the registered architecture: fat_b0, fat_b1, fat_b2 or fat_b3 (models/fat.py)
 _C.MODEL.NAME = 'fat_b0'  # run name: the output folder is OUTPUT/NAME/TAG
 _C.MODEL.PRETRAINED = ''  # weights to fine-tune from (this project's, the authors' or a bare state dict)
 _C.MODEL.RESUME = ''  # checkpoint to resume training from, or to evaluate with --eval
@@ -42,26 +45,25 @@ _C.MODEL.NUM_CLASSES = 1000  # classifier outputs; follows the data set's class 
 _C.MODEL.DROP_RATE = 0.0  # dropout before the classifier
 _C.MODEL.DROP_PATH_RATE = 0.05  # stochastic depth, linear from 0 over all blocks
 _C.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing when Mixup/CutMix are off
-_C.MODEL.DWCONV_IMPL = 'auto'  # depthwise convs: auto (our CUDA kernel where usable and faster), torch, cuda
+_C.MODEL.DWCONV_IMPL = 'auto'  # depthwise convs: auto (our kernels where usable and faster), torch, cuda
 
-_C.MODEL.FAT = CN()  # architecture (paper, Table 1); defaults are FAT-B0
-_C.MODEL.FAT.EMBED_DIMS = [32, 80, 160, 256]  # width of each stage
-_C.MODEL.FAT.DEPTHS = [2, 2, 6, 2]  # blocks per stage
-_C.MODEL.FAT.NUM_HEADS = [2, 5, 10, 16]  # attention heads per stage
-_C.MODEL.FAT.KERNEL_SIZES = [3, 5, 7, 9]  # kernel of the positional encoding and FASA's local branch
-_C.MODEL.FAT.WINDOW_SIZES = [8, 4, 2, 1]  # pooling factor of FASA's keys/values (1 = none)
-_C.MODEL.FAT.MLP_KERNEL_SIZES = [5, 5, 5, 5]  # depthwise kernel inside the ConvFFN
-_C.MODEL.FAT.MLP_RATIOS = [4, 4, 4, 4]  # ConvFFN expansion
+_C.MODEL.FAT = CN()  # overrides of the variant's architecture; an empty list keeps the variant's value
+_C.MODEL.FAT.EMBED_DIMS = []  # width of each stage
+_C.MODEL.FAT.DEPTHS = []  # blocks per stage
+_C.MODEL.FAT.NUM_HEADS = []  # attention heads per stage
+_C.MODEL.FAT.KERNEL_SIZES = []  # kernel of the positional encoding and FASA's local branch
+_C.MODEL.FAT.WINDOW_SIZES = []  # pooling factor of FASA's keys/values (1 = none)
+_C.MODEL.FAT.MLP_KERNEL_SIZES = []  # depthwise kernel inside the ConvFFN
+_C.MODEL.FAT.MLP_RATIOS = []  # ConvFFN expansion
 
 _C.MODEL.EMA = CN()
-_C.MODEL.EMA.ENABLE = False  # keep an exponential moving average of the weights (validated too)
-_C.MODEL.EMA.DECAY = 0.9998  # EMA decay per step
+_C.MODEL.EMA.ENABLE = False  # keep an exponential moving average of the weights (evaluated too)
+_C.MODEL.EMA.DECAY = 0.9998  # EMA decay per optimizer step
 
 # -----------------------------------------------------------------------------------------------
 # Training
 # -----------------------------------------------------------------------------------------------
 _C.TRAIN = CN()
-_C.TRAIN.START_EPOCH = 0  # first epoch (set by resume)
 _C.TRAIN.EPOCHS = 300  # total epochs
 _C.TRAIN.WARMUP_EPOCHS = 20  # linear warm-up epochs
 _C.TRAIN.WARMUP_STEPS = 0  # linear warm-up in optimizer steps instead, when > 0 (detection's 500 iterations)
@@ -77,7 +79,7 @@ _C.TRAIN.USE_CHECKPOINT = False  # activation (gradient) checkpointing to save m
 _C.TRAIN.MAX_NONFINITE_STEPS = 0  # optimizer steps with a non-finite loss or gradient to skip before stopping
 
 _C.TRAIN.LR_SCHEDULER = CN()
-_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'  # cosine, linear, poly, step or multistep; updated every step
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'  # cosine, linear, poly, step or multistep; updated every optimizer step
 _C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = True  # cosine starts after warm-up rather than under it
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # step: epochs between decays
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # step, multistep: LR factor at each decay
@@ -127,102 +129,53 @@ _C.REPARAM = False  # --eval / --throughput run the deploy form: BatchNorms fold
 _C.CHANNELS_LAST = False  # channels_last memory format for model and inputs
 _C.OUTPUT = 'output'  # root of run folders: OUTPUT/MODEL.NAME/TAG
 _C.TAG = 'default'  # run tag
-_C.SAVE_FREQ = 1  # keep a ckpt_epoch_N.pth every SAVE_FREQ epochs (ckpt_last.pth is always written)
-_C.PRINT_FREQ = 10  # steps between log lines
+_C.SAVE_FREQ = 1  # write a ckpt_epoch_N.pth every SAVE_FREQ epochs (ckpt_last.pth is always written)
+_C.SAVE_KEEP = 3  # keep the newest SAVE_KEEP ckpt_epoch_N.pth (0 keeps all); ckpt_last / ckpt_best always stay
+_C.PRINT_FREQ = 10  # micro-batches between log lines
 _C.SEED = 0  # random seed (offset by rank)
-_C.EVAL_MODE = False  # only validate MODEL.RESUME
+_C.EVAL_MODE = False  # only evaluate MODEL.RESUME
 _C.THROUGHPUT_MODE = False  # only measure inference throughput
 
 # Keys that take one of a few words; checked after every merge so a typo is named before any work.
 _CHOICES = {
     'DEVICE': ('', 'cuda', 'cpu'),
     'AMP_DTYPE': ('bf16', 'fp16'),
+    'MODEL.DWCONV_IMPL': ('auto', 'torch', 'cuda'),
     'DATA.DATASET': ('imagenet', 'digits'),
     'DATA.INTERPOLATION': ('random', 'nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'poly', 'step', 'multistep'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
 }
+# Integer keys with a lower bound.
+_MINIMA = {'DATA.BATCH_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'PRINT_FREQ': 1, 'SAVE_FREQ': 0, 'SAVE_KEEP': 0,
+           'TRAIN.EPOCHS': 1, 'TRAIN.MAX_NONFINITE_STEPS': 0}
 
+# Keys that only image classification (main.py) reads; detection and segmentation drop them.
+CLASSIFICATION_ONLY = ('AUG', 'TEST', 'MODEL.LABEL_SMOOTHING', 'MODEL.DROP_RATE', 'DATA.IMG_SIZE',
+                       'DATA.INTERPOLATION', 'DATA.SKIP_CORRUPT', 'THROUGHPUT_MODE', 'REPARAM', 'COMPILE',
+                       'CHANNELS_LAST')
 
-class ConfigError(Exception):
-    """A config file, key or value the user gave is wrong: reported as one line."""
-
-
-def _load_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f'config file not found: {path}')
-    with open(path) as f:
-        try:
-            return yaml.safe_load(f) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f'{path} is not valid YAML: {error}') from error
-
-
-def _update_config_from_file(config: CN, cfg_file: str, choices: dict) -> None:
-    """Merge ``cfg_file`` into ``config``, its BASE files first."""
-    for base in _load_yaml(cfg_file).get('BASE', ['']):
-        if base:
-            _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base), choices)
-    config.defrost()
-    try:
-        config.merge_from_file(cfg_file)
-    except (KeyError, ValueError, AssertionError) as error:
-        raise ConfigError(f'{cfg_file}: {_yacs_message(error)}') from error
-    _check_choices(config, cfg_file, choices)
-    config.freeze()
-
-
-def _yacs_message(error: Exception) -> str:
-    message = error.args[0] if error.args else str(error)
-    if 'Non-existent' in message:
-        return f'{message} (a misspelt key? every key is listed with its meaning in config.py)'
-    return message
-
-
-def _check_choices(config: CN, source: str, choices: dict) -> None:
-    for key, allowed in choices.items():
-        value = config
-        for part in key.split('.'):
-            value = value[part]
-        if value not in allowed:
-            raise ConfigError(f'{source}: {key} is {value!r}; choose one of {", ".join(map(repr, allowed))}')
-
-
-def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] = None) -> None:
-    """Apply the yaml file, then --opts, then the explicit command-line flags; ``choices`` maps keys
-    that take one of a few words to those words (default: the classification keys')."""
-    choices = _CHOICES if choices is None else choices
-    if args.cfg:
-        _update_config_from_file(config, args.cfg, choices)
-    config.defrost()
-    if args.opts:
-        if len(args.opts) % 2:
-            raise ConfigError(f'--opts takes KEY VALUE pairs; got an odd number of items: {" ".join(args.opts)}')
-        try:
-            config.merge_from_list(args.opts)
-        except (KeyError, ValueError, AssertionError) as error:
-            raise ConfigError(f'--opts: {_yacs_message(error)}') from error
-    flags = {
-        'batch_size': 'DATA.BATCH_SIZE', 'data_path': 'DATA.DATA_PATH', 'pretrained': 'MODEL.PRETRAINED',
-        'resume': 'MODEL.RESUME', 'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS', 'output': 'OUTPUT',
-        'tag': 'TAG', 'device': 'DEVICE', 'amp_dtype': 'AMP_DTYPE', 'seed': 'SEED',
-    }
-    for arg, key in flags.items():
-        value = getattr(args, arg, None)
-        if value is not None:
-            config.merge_from_list([key, value])
-    switches = {'use_checkpoint': ('TRAIN.USE_CHECKPOINT', True), 'disable_amp': ('AMP_ENABLE', False),
-                'eval': ('EVAL_MODE', True), 'throughput': ('THROUGHPUT_MODE', True),
-                'compile': ('COMPILE', True), 'channels_last': ('CHANNELS_LAST', True), 'reparam': ('REPARAM', True)}
-    for arg, (key, value) in switches.items():
-        if getattr(args, arg, False):
-            config.merge_from_list([key, value])
-    _check_choices(config, '--opts', choices)
-    if config.REPARAM and not (config.EVAL_MODE or config.THROUGHPUT_MODE):
-        raise ConfigError('REPARAM (--reparam) folds the BatchNorms for --eval or --throughput; '
-                          'a training run cannot use it')
-    config.freeze()
+# Command-line flags: flag -> (config key, value set by the switch or None when the flag takes one, help).
+_FLAGS: Dict[str, Tuple[str, object, str]] = {
+    '--batch-size': ('DATA.BATCH_SIZE', None, 'images per process per step'),
+    '--data-path': ('DATA.DATA_PATH', None, 'data root (train/ and val/ for classification)'),
+    '--pretrained': ('MODEL.PRETRAINED', None, 'weights to start from (the classifier is re-initialised)'),
+    '--resume': ('MODEL.RESUME', None, 'checkpoint to resume, or to evaluate with --eval'),
+    '--accumulation-steps': ('TRAIN.ACCUMULATION_STEPS', None, 'micro-batches per optimizer step'),
+    '--use-checkpoint': ('TRAIN.USE_CHECKPOINT', True, 'activation checkpointing'),
+    '--disable-amp': ('AMP_ENABLE', False, 'run in fp32 on CUDA too'),
+    '--amp-dtype': ('AMP_DTYPE', None, 'mixed-precision type on CUDA: bf16 or fp16'),
+    '--output': ('OUTPUT', None, 'root of run folders'),
+    '--tag': ('TAG', None, 'run tag (a separate run folder)'),
+    '--eval': ('EVAL_MODE', True, 'only evaluate --resume'),
+    '--throughput': ('THROUGHPUT_MODE', True, 'only measure inference throughput'),
+    '--device': ('DEVICE', None, 'cuda or cpu (default: cuda when available)'),
+    '--compile': ('COMPILE', True, 'torch.compile the model'),
+    '--channels-last': ('CHANNELS_LAST', True, 'channels_last model and inputs'),
+    '--reparam': ('REPARAM', True, '--eval / --throughput: fold BatchNorms into convs first (same logits)'),
+    '--seed': ('SEED', None, 'random seed'),
+}
 
 
 def default_config() -> CN:
@@ -232,13 +185,142 @@ def default_config() -> CN:
     return config
 
 
-def key_choices() -> dict:
-    """The keys of the defaults that take one of a few words, and those words."""
-    return dict(_CHOICES)
+def dense_defaults() -> CN:
+    """The defaults without the classification-only keys, plus the backbone's freezing."""
+    config = default_config()
+    for key in CLASSIFICATION_ONLY:
+        *parents, leaf = key.split('.')
+        node = config
+        for parent in parents:
+            node = node[parent]
+        del node[leaf]
+    config.MODEL.BACKBONE = CN()
+    config.MODEL.BACKBONE.FROZEN_STAGES = -1  # -1 trains all; 0 freezes the stem; k freezes the stem and stages 0..k-1
+    config.MODEL.BACKBONE.FREEZE_BN = False  # freeze every backbone BatchNorm (statistics and affine)
+    return config
+
+
+def _lookup(config: CN, key: str):
+    node = config
+    for part in key.split('.'):
+        if not isinstance(node, CN) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _has(config: CN, key: str) -> bool:
+    return _lookup(config, key) is not None
+
+
+def _load_yaml(path: str) -> dict:
+    if not path.endswith(('.yaml', '.yml')):
+        raise ConfigError(f'{path}: configs are yaml files (.yaml or .yml); other files are not read')
+    if not os.path.isfile(path):
+        raise ConfigError(f'config file not found: {path}')
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f'{path} is not valid YAML: {error}') from error
+    if not isinstance(data, dict):
+        raise ConfigError(f'{path} must hold a mapping of config keys, not {type(data).__name__}')
+    return data
+
+
+def _merge_file(config: CN, path: str, choices: dict, including: Tuple[str, ...] = ()) -> None:
+    """Merge the yaml ``path`` into ``config``, its BASE files (relative to it) first."""
+    real = os.path.realpath(path)
+    if real in including:
+        raise ConfigError(f'{path}: BASE files include each other in a cycle')
+    data = _load_yaml(path)
+    for base in data.get('BASE', ['']):
+        if base:
+            _merge_file(config, os.path.join(os.path.dirname(path), base), choices, including + (real,))
+    config.defrost()
+    try:
+        config.merge_from_other_cfg(CN(data))
+    except (KeyError, ValueError, AssertionError) as error:
+        raise ConfigError(f'{path}: {_yacs_message(error)}') from error
+    _check(config, path, choices)
+
+
+def _yacs_message(error: Exception) -> str:
+    message = error.args[0] if error.args else str(error)
+    if 'Non-existent' in message:
+        return f'{message} (a misspelt key? every key is listed with its meaning in config.py)'
+    return message
+
+
+def _check(config: CN, source: str, choices: dict) -> None:
+    for key, allowed in choices.items():
+        value = _lookup(config, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f'{source}: {key} is {value!r}; choose one of {", ".join(map(repr, allowed))}')
+    for key, minimum in _MINIMA.items():
+        value = _lookup(config, key)
+        if value is not None and value < minimum:
+            raise ConfigError(f'{source}: {key} is {value}; it must be at least {minimum}')
+    for key in ('MODEL.NAME', 'TAG'):
+        value = _lookup(config, key)
+        if not value or value in ('.', '..') or '/' in value or '\\' in value:
+            raise ConfigError(f'{source}: {key} is {value!r}; it names a folder inside OUTPUT, so it must be a '
+                              'plain name (no "/", not "." or "..")')
+
+
+def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] = None) -> None:
+    """Apply the yaml file, then --opts, then the command-line flags; ``choices`` adds one-of-a-few-words
+    keys of the task to the project's."""
+    choices = {**_CHOICES, **(choices or {})}
+    if getattr(args, 'cfg', None):
+        _merge_file(config, args.cfg, choices)
+    config.defrost()
+    opts = getattr(args, 'opts', None)
+    if opts:
+        if len(opts) % 2:
+            raise ConfigError(f'--opts takes KEY VALUE pairs; got an odd number of items: {" ".join(opts)}')
+        try:
+            config.merge_from_list(opts)
+        except (KeyError, ValueError, AssertionError) as error:
+            raise ConfigError(f'--opts: {_yacs_message(error)}') from error
+    for flag, (key, switch_value, _) in _FLAGS.items():
+        value = getattr(args, flag[2:].replace('-', '_'), None)
+        if value is None or value is False:
+            continue
+        try:
+            config.merge_from_list([key, switch_value if switch_value is not None else value])
+        except (KeyError, ValueError, AssertionError) as error:
+            raise ConfigError(f'{flag}: {_yacs_message(error)}') from error
+    _check(config, 'command line', choices)
+    if config.get('REPARAM') and not (config.EVAL_MODE or config.get('THROUGHPUT_MODE')):
+        raise ConfigError('REPARAM (--reparam) folds the BatchNorms for --eval or --throughput; '
+                          'a training run cannot use it')
+    config.freeze()
+
+
+def parse_command_line(description: str, defaults: Optional[CN] = None, choices: Optional[dict] = None,
+                       argv: Optional[Sequence[str]] = None) -> CN:
+    """The one command line of every entry point: ``--cfg``, ``--opts`` and the flags whose keys
+    ``defaults`` has, merged into a frozen copy of ``defaults`` (the project's when None)."""
+    config = (defaults if defaults is not None else _C).clone()
+    parser = argparse.ArgumentParser(description)
+    parser.add_argument('--cfg', type=str, metavar='FILE', help='config yaml')
+    parser.add_argument('--opts', nargs='+', default=None, help='override config keys: KEY VALUE ...')
+    for flag, (key, switch_value, help_text) in _FLAGS.items():
+        if not _has(config, key):
+            continue
+        default = _lookup(config, key)
+        if switch_value is not None:
+            parser.add_argument(flag, action='store_true', help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), metavar=key.split('.')[-1], help=help_text)
+    parser.add_argument('--debug', action='store_true', help='show full tracebacks for reported errors')
+    update_config(config, parser.parse_args(argv), choices)
+    return config
 
 
 def get_config(args: Optional[argparse.Namespace] = None) -> CN:
-    """The defaults merged with ``args`` (yaml, --opts, flags); a frozen copy."""
+    """The classification defaults merged with ``args`` (yaml, --opts, flags); a frozen copy."""
     config = _C.clone()
     if args is not None:
         update_config(config, args)
@@ -253,6 +335,5 @@ def output_dir(config: CN) -> str:
 def scaled_lrs(config: CN, world_size: int) -> tuple:
     """(base, warm-up, min) LR scaled linearly from LR_BASE_BATCH to the real total batch
     (per-process batch x processes x accumulation steps)."""
-    total_batch = config.DATA.BATCH_SIZE * world_size * config.TRAIN.get('ACCUMULATION_STEPS', 1)
-    factor = total_batch / config.TRAIN.LR_BASE_BATCH
+    factor = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS / config.TRAIN.LR_BASE_BATCH
     return config.TRAIN.BASE_LR * factor, config.TRAIN.WARMUP_LR * factor, config.TRAIN.MIN_LR * factor

@@ -1,4 +1,5 @@
-"""build_scheduler: timm's cosine / linear / poly / step / multistep schedules with warm-up, stepped every iteration."""
+"""build_scheduler: timm's cosine / linear / poly / step / multistep schedules with warm-up, stepped every
+optimizer step."""
 from __future__ import annotations
 
 import torch
@@ -6,11 +7,12 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRSchedu
 from timm.scheduler.scheduler import Scheduler
 
 
-def build_scheduler(config, optimizer: torch.optim.Optimizer, n_iter_per_epoch: int, warmup_lr: float,
+def build_scheduler(config, optimizer: torch.optim.Optimizer, steps_per_epoch: int, warmup_lr: float,
                     min_lr: float) -> Scheduler:
-    """The LR schedule of TRAIN.LR_SCHEDULER in optimizer steps; call ``step_update(global_step)``."""
-    steps_per_epoch = n_iter_per_epoch // config.TRAIN.get('ACCUMULATION_STEPS', 1)
-    num_steps = int(config.TRAIN.EPOCHS * steps_per_epoch)
+    """The LR schedule of TRAIN.LR_SCHEDULER over TRAIN.EPOCHS x ``steps_per_epoch`` optimizer steps;
+    call ``step_update(n)`` with the number of optimizer steps done. It holds nothing beyond the
+    config, so a resumed run rebuilds it from the current config instead of restoring it."""
+    num_steps = config.TRAIN.EPOCHS * steps_per_epoch
     warmup_steps = config.TRAIN.WARMUP_STEPS or int(config.TRAIN.WARMUP_EPOCHS * steps_per_epoch)
     schedule = config.TRAIN.LR_SCHEDULER
     warmup = dict(warmup_lr_init=warmup_lr, warmup_t=warmup_steps, t_in_epochs=False)
@@ -24,8 +26,5 @@ def build_scheduler(config, optimizer: torch.optim.Optimizer, n_iter_per_epoch: 
     if schedule.NAME == 'step':
         return StepLRScheduler(optimizer, decay_t=int(schedule.DECAY_EPOCHS * steps_per_epoch),
                                decay_rate=schedule.DECAY_RATE, **warmup)
-    if schedule.NAME == 'multistep':
-        return MultiStepLRScheduler(optimizer, decay_t=[int(m * steps_per_epoch) for m in schedule.MILESTONES],
-                                    decay_rate=schedule.DECAY_RATE, **warmup)
-    raise ValueError(f'unknown TRAIN.LR_SCHEDULER.NAME {schedule.NAME!r}; '
-                     'choose cosine, linear, poly, step or multistep')
+    return MultiStepLRScheduler(optimizer, decay_t=[int(m * steps_per_epoch) for m in schedule.MILESTONES],
+                                decay_rate=schedule.DECAY_RATE, **warmup)

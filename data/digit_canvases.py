@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .build import DataError
+from utils import DataError
+
 from .digits import DEFAULT_ROOT as DIGITS_ROOT, materialize, split_digits
 
 CANVAS_SIZE = 128

@@ -12,12 +12,13 @@ import os
 from typing import List, Tuple
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from data.build import DataError, ShardSampler, SkippingSampler
+from data import build_eval_loader, build_train_loader
 from data.digit_canvases import dense_data_root
+from utils import DataError
 
 
 def _coco(root: str, images: str, annotations: str, transforms, keys: Tuple[str, ...]):
@@ -49,8 +50,9 @@ def collate(batch: List[Tuple]) -> Tuple[List, List]:
     return list(images), list(targets)
 
 
-def build_detection_loaders(config, rank: int, world_size: int, masks: bool):
-    """(training loader, evaluation loader, evaluation COCO object, number of classes incl. background)."""
+def build_detection_data(config, masks: bool):
+    """(training set, training loader, evaluation loader, evaluation COCO object, number of classes
+    including the background)."""
     root = dense_data_root(config, 'the COCO root')
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     train_transforms = v2.Compose([v2.RandomHorizontalFlip(config.DATA.HFLIP), *to_tensor,
@@ -62,12 +64,6 @@ def build_detection_loaders(config, rank: int, world_size: int, masks: bool):
     category_ids = dataset_train.coco.getCatIds()
     if not category_ids:
         raise DataError(f'{config.DATA.TRAIN_ANNOTATIONS} lists no categories')
-    loader_args = dict(batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
-                       pin_memory=config.DATA.PIN_MEMORY, collate_fn=collate,
-                       persistent_workers=config.DATA.NUM_WORKERS > 0,
-                       prefetch_factor=config.DATA.PREFETCH_FACTOR if config.DATA.NUM_WORKERS > 0 else None)
     train = _with_objects(dataset_train)
-    loader_train = DataLoader(train, sampler=SkippingSampler(train, world_size, rank, seed=config.SEED),
-                              drop_last=True, **loader_args)
-    loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size), **loader_args)
-    return loader_train, loader_val, dataset_val.coco, max(category_ids) + 1
+    return (train, build_train_loader(train, config, collate_fn=collate),
+            build_eval_loader(dataset_val, config, collate_fn=collate), dataset_val.coco, max(category_ids) + 1)

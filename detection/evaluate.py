@@ -7,13 +7,12 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils import autocast, is_distributed
+from utils import gather_objects
 
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
@@ -45,24 +44,19 @@ def coco_stats(coco: COCO, results: List[dict], iou_type: str) -> Dict[str, floa
     return {f'{iou_type}_{name}': float(max(value, 0.0)) for name, value in zip(STAT_NAMES, evaluator.stats)}
 
 
-@torch.no_grad()
-def evaluate_coco(config, model: nn.Module, loader, coco: COCO, device: torch.device) -> Dict[str, float]:
+def evaluate_coco(model: nn.Module, loader, coco: COCO, device: torch.device) -> Dict[str, float]:
     """Detect on this process's shard, gather every process's detections, score them with COCOeval
     (box AP, and mask AP when the model predicts masks); the same numbers on every process."""
-    model.eval()
     results: List[dict] = []
     has_masks = False
     for images, targets in loader:
-        with autocast(config, device):
-            outputs = model([image.to(device, non_blocking=True) for image in images])
+        outputs = model([image.to(device, non_blocking=True) for image in images])
         for target, output in zip(targets, outputs):
             has_masks |= 'masks' in output
             results.extend(_to_coco_results(int(target['image_id']), output))
-    if is_distributed():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (results, has_masks))
-        results = [r for part, _ in gathered for r in part]
-        has_masks = any(flag for _, flag in gathered)
+    gathered = gather_objects((results, has_masks))
+    results = [r for part, _ in gathered for r in part]
+    has_masks = any(flag for _, flag in gathered)
     metrics = coco_stats(coco, results, 'bbox')
     if has_masks:
         metrics.update(coco_stats(coco, results, 'segm'))

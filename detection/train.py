@@ -4,25 +4,27 @@
         --data-path /data/coco --pretrained fat_b0_imagenet.pth
     python -m detection.train --cfg detection/configs/coco_retinanet_fat_b0_1x.yaml --data-path /data/coco \\
         --eval --resume output/retinanet_fat_b0_coco/default/ckpt_best.pth
+
+Detection is a task of the one run engine (``engine.py``), which trains, evaluates and checkpoints.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict
 
-import torch
 import torch.nn as nn
 from yacs.config import CfgNode as CN
 
 import engine
+from config import dense_defaults
 
-from .data import build_detection_loaders
+from .data import build_detection_data
 from .evaluate import evaluate_coco
 from .model import build_detector
 
 
 def defaults() -> CN:
     """The project's defaults for dense tasks plus the detection keys."""
-    config = engine.dense_defaults()
+    config = dense_defaults()
     config.DATA.DATASET = 'coco'  # 'coco' (any COCO-format data under DATA_PATH) or 'digit_canvases' (generated)
     config.DATA.TRAIN_IMAGES = 'train2017'  # training image folder, relative to DATA_PATH
     config.DATA.TRAIN_ANNOTATIONS = 'annotations/instances_train2017.json'  # its COCO annotations
@@ -41,32 +43,36 @@ def defaults() -> CN:
     return config
 
 
-CHOICES = engine.dense_choices({'DATA.DATASET': ('coco', 'digit_canvases'), 'DET.ARCH': ('retinanet', 'maskrcnn')})
+CHOICES = {'DATA.DATASET': ('coco', 'digit_canvases'), 'DET.ARCH': ('retinanet', 'maskrcnn')}
 
 
-class DetectionTask(engine.DenseTask):
+class DetectionTask(engine.Task):
     """COCO-format detection: torchvision's RetinaNet or Mask R-CNN on FAT, scored by COCOeval."""
 
     primary_metric = 'bbox_AP'
 
-    def build_loaders(self, config, rank: int, world_size: int):
-        loader_train, loader_val, self.coco_val, self.num_classes = build_detection_loaders(
-            config, rank, world_size, masks=config.DET.ARCH == 'maskrcnn')
-        return loader_train, loader_val
+    def build_data(self) -> engine.TaskData:
+        dataset_train, loader_train, loader_val, self.coco_val, self.num_classes = build_detection_data(
+            self.config, masks=self.config.DET.ARCH == 'maskrcnn')
+        categories = sorted(dataset_train.dataset.coco.getCatIds())
+        return engine.TaskData(
+            loader_train, loader_val, identity={'categories': categories, 'train_images': len(dataset_train)},
+            description=f'{len(dataset_train)} training images with objects, {len(self.coco_val.imgs)} evaluation '
+                        f'images, {len(categories)} categories')
 
-    def build_model(self, config) -> nn.Module:
-        return build_detector(config, self.num_classes)
+    def build_model(self) -> nn.Module:
+        return build_detector(self.config, self.num_classes)
 
-    def loss(self, model: nn.Module, batch, device: torch.device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def loss(self, model: nn.Module, batch):
         images, targets = batch
-        images = [image.to(device, non_blocking=True) for image in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items() if k != 'image_id'} for t in targets]
+        images = [image.to(self.device, non_blocking=True) for image in images]
+        targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items() if k != 'image_id'} for t in targets]
         parts = model(images, targets)
-        return sum(parts.values()), parts
+        return sum(parts.values()), {name: value.detach() for name, value in parts.items()}
 
-    def evaluate(self, model: nn.Module, loader, device: torch.device, config, logger) -> Dict[str, float]:
-        return evaluate_coco(config, model, loader, self.coco_val, device)
+    def evaluate(self, model: nn.Module, loader) -> Dict[str, float]:
+        return evaluate_coco(model, loader, self.coco_val, self.device)
 
 
 if __name__ == '__main__':
-    engine.main(DetectionTask(), 'FAT detection training and evaluation', defaults(), CHOICES)
+    engine.main(DetectionTask, 'FAT detection training and evaluation', defaults(), CHOICES)

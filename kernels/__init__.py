@@ -1,1 +1,2 @@
-"""Compiled extensions used by the model; each in its own folder with sources, setup.py and a test."""
+"""Compiled extensions used by the model, each in its own folder with its sources and setup.py (their
+tests are in tests/test_kernels.py)."""

@@ -1,46 +1,63 @@
-"""build_model(config): the training code's single entry point to the network."""
+"""build_model(config): the training code's single entry point to the network.
+
+``MODEL.VARIANT`` names a registered variant (``fat_b0`` .. ``fat_b3``, whose architecture is the
+table ``MODEL_ARGS`` in ``fat.py``); a non-empty ``MODEL.FAT.*`` list overrides that entry of it.
+"""
 from __future__ import annotations
 
 from typing import Sequence
 
+import timm
+import torch
 import torch.nn as nn
 
 from .backbone import FATBackbone
-from .fat import FAT
+from .fat import MODEL_ARGS
+
+# MODEL.FAT keys -> FAT constructor arguments
+_ARCH_KEYS = {'EMBED_DIMS': 'embed_dims', 'DEPTHS': 'depths', 'NUM_HEADS': 'num_heads',
+              'KERNEL_SIZES': 'kernel_sizes', 'WINDOW_SIZES': 'window_sizes',
+              'MLP_KERNEL_SIZES': 'mlp_kernel_sizes', 'MLP_RATIOS': 'mlp_ratios'}
+
+
+def arch_overrides(config) -> dict:
+    """The FAT constructor arguments that MODEL.FAT overrides (its non-empty lists)."""
+    return {arg: list(config.MODEL.FAT[key]) for key, arg in _ARCH_KEYS.items() if config.MODEL.FAT[key]}
+
+
+def _variant(config) -> str:
+    variant = config.MODEL.VARIANT
+    if variant not in MODEL_ARGS:
+        raise ValueError(f'MODEL.VARIANT is {variant!r}; choose one of {", ".join(MODEL_ARGS)}')
+    return variant
 
 
 def build_model(config) -> nn.Module:
-    """Build the network the yacs ``config`` describes.
-
-    ``MODEL.TYPE`` picks the family (``fat``); its section (``MODEL.FAT``) gives the architecture,
-    and ``MODEL.NUM_CLASSES``, ``MODEL.DROP_RATE``, ``MODEL.DROP_PATH_RATE``,
-    ``MODEL.DWCONV_IMPL`` and ``DATA.IN_CHANS`` the rest. BatchNorm stays plain: converting it to
-    SyncBatchNorm is the training script's job.
-    """
-    model_type = config.MODEL.TYPE
-    if model_type != 'fat':
-        raise ValueError(f"unknown MODEL.TYPE {model_type!r}; this codebase builds 'fat'")
-    return FAT(num_classes=config.MODEL.NUM_CLASSES, drop_rate=config.MODEL.DROP_RATE, **fat_arch_kwargs(config))
-
-
-def fat_arch_kwargs(config) -> dict:
-    """FAT's constructor arguments from MODEL.FAT, MODEL.DROP_PATH_RATE, MODEL.DWCONV_IMPL and DATA.IN_CHANS."""
-    arch = config.MODEL.FAT
-    return dict(
-        in_chans=config.DATA.IN_CHANS, embed_dims=arch.EMBED_DIMS, depths=arch.DEPTHS, num_heads=arch.NUM_HEADS,
-        kernel_sizes=arch.KERNEL_SIZES, window_sizes=arch.WINDOW_SIZES, mlp_kernel_sizes=arch.MLP_KERNEL_SIZES,
-        mlp_ratios=arch.MLP_RATIOS, drop_path_rate=config.MODEL.DROP_PATH_RATE, dwconv_impl=config.MODEL.DWCONV_IMPL)
+    """The classifier the yacs ``config`` describes: MODEL.VARIANT with MODEL.FAT's overrides,
+    MODEL.NUM_CLASSES, MODEL.DROP_RATE, MODEL.DROP_PATH_RATE, MODEL.DWCONV_IMPL and DATA.IN_CHANS.
+    BatchNorm stays plain: converting it to SyncBatchNorm is the training engine's job."""
+    return timm.create_model(_variant(config), num_classes=config.MODEL.NUM_CLASSES, drop_rate=config.MODEL.DROP_RATE,
+                             drop_path_rate=config.MODEL.DROP_PATH_RATE, in_chans=config.DATA.IN_CHANS,
+                             dwconv_impl=config.MODEL.DWCONV_IMPL, **arch_overrides(config))
 
 
 def build_backbone(config, out_indices: Sequence[int] = (0, 1, 2, 3)) -> FATBackbone:
-    """The dense-prediction backbone returning the maps of stages ``out_indices``: MODEL.FAT's
-    architecture, MODEL.BACKBONE's freezing, TRAIN.USE_CHECKPOINT, and MODEL.PRETRAINED's ImageNet
-    weights when given."""
-    if config.MODEL.TYPE != 'fat':
-        raise ValueError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; this codebase builds 'fat'")
-    backbone = FATBackbone(out_indices=out_indices, frozen_stages=config.MODEL.BACKBONE.FROZEN_STAGES,
-                           freeze_bn=config.MODEL.BACKBONE.FREEZE_BN, **fat_arch_kwargs(config))
+    """The dense-prediction backbone returning the maps of stages ``out_indices``: the architecture as
+    for ``build_model``, MODEL.BACKBONE's freezing, TRAIN.USE_CHECKPOINT, and MODEL.PRETRAINED's
+    ImageNet weights when given."""
+    backbone = FATBackbone.from_variant(
+        _variant(config), out_indices=out_indices, frozen_stages=config.MODEL.BACKBONE.FROZEN_STAGES,
+        freeze_bn=config.MODEL.BACKBONE.FREEZE_BN, in_chans=config.DATA.IN_CHANS,
+        drop_path_rate=config.MODEL.DROP_PATH_RATE, dwconv_impl=config.MODEL.DWCONV_IMPL, **arch_overrides(config))
     backbone.body.set_grad_checkpointing(config.TRAIN.USE_CHECKPOINT)
     if config.MODEL.PRETRAINED:
         backbone.load_pretrained(config.MODEL.PRETRAINED)
     return backbone
+
+
+def check_architecture(config) -> None:
+    """Build the FAT that ``config`` describes on the meta device (no memory, no weights), so that a
+    wrong variant or an inconsistent MODEL.FAT raises ValueError before any data is read."""
+    with torch.device('meta'):
+        timm.create_model(_variant(config), num_classes=0, in_chans=config.DATA.IN_CHANS,
+                          dwconv_impl=config.MODEL.DWCONV_IMPL, **arch_overrides(config))

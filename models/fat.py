@@ -26,8 +26,10 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
+from timm.utils.model import reparameterize_model
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .dwconv import DwConvImpl, create_dwconv
+from .dwconv import DwConvImpl, create_dwconv, set_dwconv_impl
 
 __all__ = ['FAT', 'checkpoint_filter_fn']
 
@@ -35,9 +37,8 @@ __all__ = ['FAT', 'checkpoint_filter_fn']
 @torch.no_grad()
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Fold an eval-mode ``bn`` that directly follows ``conv`` into the conv's weight and bias."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
-    conv.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
+    conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                  bn.weight, bn.bias)
 
 
 @torch.no_grad()
@@ -90,7 +91,7 @@ class RefinedDownsample(nn.Sequential):
     steps, no activation. Each step maps H to ceil(H / 2), so any input size works.
     """
 
-    def __init__(self, dim: int, window: int, kernel_size: int = 5, dwconv_impl: DwConvImpl = 'auto'):
+    def __init__(self, dim: int, window: int, kernel_size: int = 5):
         steps = int(math.log2(window))
         if window < 2 or 2 ** steps != window:
             raise ValueError(f'refined downsampling needs a window that is a power of two >= 2, got {window}')
@@ -98,7 +99,7 @@ class RefinedDownsample(nn.Sequential):
         for i in range(steps):
             if i > 0:
                 layers.append(nn.Conv2d(dim, dim, 1))
-            layers += [create_dwconv(dim, kernel_size, 2, dwconv_impl), nn.BatchNorm2d(dim)]
+            layers += [create_dwconv(dim, kernel_size, 2), nn.BatchNorm2d(dim)]
         super().__init__(*layers)
 
     def reparameterize(self) -> None:
@@ -113,8 +114,7 @@ class FASA(nn.Module):
     """Fully Adaptive Self-Attention: global attention to pooled keys, a local depthwise branch,
     and the bidirectional interaction ``SiLU(local) * SiLU(global)``."""
 
-    def __init__(self, dim: int, num_heads: int, kernel_size: int, window_size: int,
-                 dwconv_impl: DwConvImpl = 'auto'):
+    def __init__(self, dim: int, num_heads: int, kernel_size: int, window_size: int):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'FASA width {dim} is not divisible by its {num_heads} heads')
@@ -122,9 +122,9 @@ class FASA(nn.Module):
         self.head_dim = dim // num_heads
         self.q = nn.Conv2d(dim, dim, 1)
         self.kv = nn.Conv2d(dim, 2 * dim, 1)
-        self.local = create_dwconv(dim, kernel_size, 1, dwconv_impl)
+        self.local = create_dwconv(dim, kernel_size, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
-        self.kv_pool = RefinedDownsample(dim, window_size, dwconv_impl=dwconv_impl) if window_size > 1 else nn.Identity()
+        self.kv_pool = RefinedDownsample(dim, window_size) if window_size > 1 else nn.Identity()
 
     def _to_heads(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         """(B, groups*C, H, W) -> (B, groups, heads, H*W, d), head dim last with stride 1.
@@ -153,11 +153,10 @@ class ConvFFN(nn.Module):
     training keeps one activation fewer for backward.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, out_dim: int, kernel_size: int, stride: int,
-                 dwconv_impl: DwConvImpl = 'auto'):
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int, kernel_size: int, stride: int):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.dwconv = create_dwconv(hidden_dim, kernel_size, stride, dwconv_impl)
+        self.dwconv = create_dwconv(hidden_dim, kernel_size, stride)
         self.dw_residual = stride == 1
         self.norm = nn.BatchNorm2d(hidden_dim)
         self.fc2 = nn.Conv2d(hidden_dim, out_dim, 1)
@@ -179,8 +178,8 @@ class ConvFFN(nn.Module):
 class StridedShortcut(nn.Sequential):
     """The residual path of a stride-2 block: depthwise 5x5 stride 2, BatchNorm, 1x1 to the new width."""
 
-    def __init__(self, dim: int, out_dim: int, kernel_size: int, dwconv_impl: DwConvImpl = 'auto'):
-        super().__init__(create_dwconv(dim, kernel_size, 2, dwconv_impl), nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
+    def __init__(self, dim: int, out_dim: int, kernel_size: int):
+        super().__init__(create_dwconv(dim, kernel_size, 2), nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
 
     def reparameterize(self) -> None:
         """Fold the BatchNorm into the depthwise conv (inference only)."""
@@ -197,19 +196,18 @@ class FATBlock(nn.Module):
     """
 
     def __init__(self, dim: int, out_dim: int, num_heads: int, kernel_size: int, window_size: int,
-                 mlp_kernel_size: int, mlp_ratio: float, stride: int, drop_path: float = 0.,
-                 dwconv_impl: DwConvImpl = 'auto'):
+                 mlp_kernel_size: int, mlp_ratio: float, stride: int, drop_path: float = 0.):
         super().__init__()
         if stride == 1 and out_dim != dim:
             raise ValueError(f'a stride-1 FAT block keeps its width; got {dim} -> {out_dim}')
-        self.cpe = create_dwconv(dim, kernel_size, 1, dwconv_impl)
+        self.cpe = create_dwconv(dim, kernel_size, 1)
         self.cpe_residual = True
         self.norm1 = nn.GroupNorm(1, dim)
-        self.attn = FASA(dim, num_heads, kernel_size, window_size, dwconv_impl)
+        self.attn = FASA(dim, num_heads, kernel_size, window_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.GroupNorm(1, dim)
-        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), out_dim, mlp_kernel_size, stride, dwconv_impl)
-        self.shortcut = StridedShortcut(dim, out_dim, mlp_kernel_size, dwconv_impl) if stride == 2 else nn.Identity()
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), out_dim, mlp_kernel_size, stride)
+        self.shortcut = StridedShortcut(dim, out_dim, mlp_kernel_size) if stride == 2 else nn.Identity()
 
     def forward_mixer(self, x: torch.Tensor) -> torch.Tensor:
         """Positional encoding and attention: the block's first half (the dense-prediction tap)."""
@@ -234,11 +232,10 @@ class FATStage(nn.Module):
     """``depth`` FAT blocks; the last one has ``stride`` and maps ``dim`` to ``out_dim``."""
 
     def __init__(self, dim: int, out_dim: int, depth: int, num_heads: int, kernel_size: int, window_size: int,
-                 mlp_kernel_size: int, mlp_ratio: float, stride: int, drop_path: Sequence[float],
-                 dwconv_impl: DwConvImpl = 'auto'):
+                 mlp_kernel_size: int, mlp_ratio: float, stride: int, drop_path: Sequence[float]):
         super().__init__()
         block = partial(FATBlock, num_heads=num_heads, kernel_size=kernel_size, window_size=window_size,
-                        mlp_kernel_size=mlp_kernel_size, mlp_ratio=mlp_ratio, dwconv_impl=dwconv_impl)
+                        mlp_kernel_size=mlp_kernel_size, mlp_ratio=mlp_ratio)
         self.blocks = nn.Sequential(*[
             block(dim, out_dim if last else dim, stride=stride if last else 1, drop_path=drop_path[i])
             for i, last in ((i, i == depth - 1) for i in range(depth))])
@@ -286,7 +283,7 @@ class FAT(nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linear from 0 over all blocks.
         global_pool: 'avg' or '' (no pooling).
-        dwconv_impl: 'auto' | 'torch' | 'cuda', see ``models.dwconv``.
+        dwconv_impl: 'auto' | 'torch' | 'cuda', set on every depthwise conv once built (``models.dwconv``).
     """
 
     def __init__(
@@ -317,7 +314,7 @@ class FAT(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, embed_dims[0])
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         stages, self.feature_info = [], []
         for i in range(num_stages):
             last = i == num_stages - 1
@@ -325,13 +322,14 @@ class FAT(nn.Module):
             stages.append(FATStage(
                 embed_dims[i], embed_dims[i] if last else embed_dims[i + 1], depths[i], num_heads[i],
                 kernel_sizes[i], window_sizes[i], mlp_kernel_sizes[i], mlp_ratios[i], stride=1 if last else 2,
-                drop_path=dpr[first_block:first_block + depths[i]], dwconv_impl=dwconv_impl))
+                drop_path=dpr[first_block:first_block + depths[i]]))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.norm = nn.GroupNorm(1, self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        set_dwconv_impl(self, dwconv_impl)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -373,10 +371,7 @@ class FAT(nn.Module):
         positional encoding and the stride-1 FFNs, into the convs. Eval only; returns self."""
         if self.training:
             raise RuntimeError('reparameterize() folds BatchNorm running statistics: call model.eval() first')
-        for module in self.modules():
-            if module is not self and hasattr(module, 'reparameterize'):
-                module.reparameterize()
-        return self
+        return reparameterize_model(self, inplace=True)
 
     def forward_intermediates(
             self,

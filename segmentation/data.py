@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from data.build import DataError, ShardSampler, SkippingSampler
+from data import build_eval_loader, build_train_loader
 from data.digit_canvases import dense_data_root
+from utils import DataError, SampleError
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
@@ -61,15 +62,15 @@ class SegmentationFolder(Dataset):
         image = cv2.imread(image_path, cv2.IMREAD_COLOR)
         mask = cv2.imread(mask_path, cv2.IMREAD_UNCHANGED)
         if image is None or mask is None:
-            raise DataError(f'cannot read {image_path if image is None else mask_path}')
+            raise SampleError(f'cannot read {image_path if image is None else mask_path}')
         if mask.ndim != 2 or mask.shape != image.shape[:2]:
-            raise DataError(f'{mask_path} must be a single-channel mask of its image\'s size {image.shape[:2]}, '
+            raise SampleError(f'{mask_path} must be a single-channel mask of its image\'s size {image.shape[:2]}, '
                             f'got shape {mask.shape}')
         mask = mask.astype(np.int64)
         if self.reduce_zero_label:
             mask = np.where(mask == 0, IGNORE_INDEX, mask - 1)
         if ((mask >= self.num_classes) & (mask != IGNORE_INDEX)).any():
-            raise DataError(f'{mask_path} holds class {int(mask[mask != IGNORE_INDEX].max())} but MODEL.NUM_CLASSES is '
+            raise SampleError(f'{mask_path} holds class {int(mask[mask != IGNORE_INDEX].max())} but MODEL.NUM_CLASSES is '
                             f'{self.num_classes}')
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), mask
 
@@ -113,22 +114,14 @@ def pad_to_multiple(images: torch.Tensor, multiple: int = 32) -> torch.Tensor:
     return F.pad(images, (0, pad_w, 0, pad_h))
 
 
-def build_segmentation_loaders(config, rank: int, world_size: int):
-    """(training loader of fixed-size crops, evaluation loader of whole images, one per batch)."""
+def build_segmentation_data(config):
+    """(training set, training loader of fixed-size crops, evaluation loader of whole images, one per batch)."""
     root = dense_data_root(config, 'the ADE20K root (ADEChallengeData2016)')
     dataset_train = SegmentationFolder(os.path.join(root, config.DATA.TRAIN_IMAGES),
                                        os.path.join(root, config.DATA.TRAIN_MASKS), config, train=True)
     dataset_val = SegmentationFolder(os.path.join(root, config.DATA.VAL_IMAGES),
                                      os.path.join(root, config.DATA.VAL_MASKS), config, train=False)
-    workers = config.DATA.NUM_WORKERS
-    loader_args = dict(num_workers=workers, pin_memory=config.DATA.PIN_MEMORY, persistent_workers=workers > 0,
-                       prefetch_factor=config.DATA.PREFETCH_FACTOR if workers > 0 else None)
-    sampler_train = SkippingSampler(dataset_train, world_size, rank, seed=config.SEED)
-    loader_train = DataLoader(dataset_train, batch_size=config.DATA.BATCH_SIZE, drop_last=True, sampler=sampler_train,
-                              **loader_args)
-    loader_val = DataLoader(dataset_val, batch_size=1, sampler=ShardSampler(len(dataset_val), rank, world_size),
-                            **loader_args)
-    return loader_train, loader_val
+    return dataset_train, build_train_loader(dataset_train, config), build_eval_loader(dataset_val, config, batch_size=1)
 
 
 def confusion_matrix(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,13 +1,12 @@
-"""segmentation-models-pytorch decoders on FAT: smp's timm universal encoder ``tu-fat_b*`` with its
-timm feature extractor replaced by the project's FATBackbone (normalised maps, ImageNet weights,
-frozen stages / BatchNorm)."""
+"""segmentation-models-pytorch decoders on FAT: smp's timm universal encoder ``tu-<MODEL.VARIANT>``
+with its timm feature extractor replaced by the project's FATBackbone (normalised maps, ImageNet
+weights, frozen stages / BatchNorm)."""
 from __future__ import annotations
 
 import segmentation_models_pytorch as smp
 import torch.nn as nn
 
-from models import build_backbone
-from models.build import fat_arch_kwargs
+from models import arch_overrides, build_backbone
 
 ARCHS = ('fpn', 'upernet')
 
@@ -24,9 +23,9 @@ def build_segmenter(config) -> nn.Module:
         raise ValueError(f'unknown SEG.ARCH {seg.ARCH!r}; choose one of {", ".join(ARCHS)}')
     # smp builds its encoder from timm's registry with our architecture (so its channel bookkeeping
     # matches), then the extractor inside is swapped for the backbone with the per-map norms.
-    arch = {k: v for k, v in fat_arch_kwargs(config).items() if k != 'in_chans'}
-    model = smp.create_model(seg.ARCH, encoder_name='tu-fat_b0', encoder_weights=None, in_channels=config.DATA.IN_CHANS,
-                             classes=config.MODEL.NUM_CLASSES, **decoder, **arch)
+    model = smp.create_model(seg.ARCH, encoder_name=f'tu-{config.MODEL.VARIANT}', encoder_weights=None,
+                             in_channels=config.DATA.IN_CHANS, classes=config.MODEL.NUM_CLASSES, **decoder,
+                             **arch_overrides(config))
     backbone = build_backbone(config)
     if list(model.encoder.out_channels[2:]) != backbone.out_channels:
         raise AssertionError('smp encoder channels disagree with the FAT backbone')

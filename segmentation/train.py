@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -16,16 +16,16 @@ from segmentation_models_pytorch.losses import DiceLoss
 from yacs.config import CfgNode as CN
 
 import engine
-from utils import all_reduce_sum, autocast
+from config import dense_defaults
+from utils import all_reduce
 
-from .data import (IGNORE_INDEX, build_segmentation_loaders, confusion_matrix, pad_to_multiple,
-                   segmentation_metrics)
+from .data import IGNORE_INDEX, build_segmentation_data, confusion_matrix, pad_to_multiple, segmentation_metrics
 from .model import ARCHS, build_segmenter
 
 
 def defaults() -> CN:
     """The project's defaults for dense tasks plus the segmentation keys (ADE20K's recipe)."""
-    config = engine.dense_defaults()
+    config = dense_defaults()
     config.DATA.DATASET = 'ade20k'  # 'ade20k' (any image/mask folders under DATA_PATH) or 'digit_canvases' (generated)
     config.DATA.TRAIN_IMAGES = 'images/training'  # training images, relative to DATA_PATH
     config.DATA.TRAIN_MASKS = 'annotations/training'  # their class-index PNG masks (same file stems)
@@ -46,24 +46,27 @@ def defaults() -> CN:
     return config
 
 
-CHOICES = engine.dense_choices({'DATA.DATASET': ('ade20k', 'digit_canvases'), 'SEG.ARCH': ARCHS,
-                                'SEG.LOSS': ('ce', 'ce_dice')})
+CHOICES = {'DATA.DATASET': ('ade20k', 'digit_canvases'), 'SEG.ARCH': ARCHS, 'SEG.LOSS': ('ce', 'ce_dice')}
 
 
-class SegmentationTask(engine.DenseTask):
+class SegmentationTask(engine.Task):
     """Semantic segmentation on image/mask folders, scored by mIoU."""
 
     primary_metric = 'mIoU'
 
-    def build_loaders(self, config, rank: int, world_size: int):
-        return build_segmentation_loaders(config, rank, world_size)
+    def build_data(self) -> engine.TaskData:
+        dataset_train, loader_train, loader_val = build_segmentation_data(self.config)
+        return engine.TaskData(
+            loader_train, loader_val, identity={'classes': self.config.MODEL.NUM_CLASSES, 'train_images': len(dataset_train)},
+            description=f'{len(dataset_train)} training and {len(loader_val.dataset)} evaluation images, '
+                        f'{self.config.MODEL.NUM_CLASSES} classes')
 
-    def build_model(self, config) -> nn.Module:
-        self.dice = DiceLoss('multiclass', ignore_index=IGNORE_INDEX) if config.SEG.LOSS == 'ce_dice' else None
-        return build_segmenter(config)
+    def build_model(self) -> nn.Module:
+        self.dice = DiceLoss('multiclass', ignore_index=IGNORE_INDEX) if self.config.SEG.LOSS == 'ce_dice' else None
+        return build_segmenter(self.config)
 
-    def loss(self, model: nn.Module, batch, device: torch.device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        images, masks = (t.to(device, non_blocking=True) for t in batch)
+    def loss(self, model: nn.Module, batch):
+        images, masks = (t.to(self.device, non_blocking=True) for t in batch)
         logits = model(images).float()
         cross_entropy = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
         if self.dice is None:
@@ -71,22 +74,18 @@ class SegmentationTask(engine.DenseTask):
         dice = self.dice(logits, masks)
         return cross_entropy + dice, {'ce': cross_entropy.detach(), 'dice': dice.detach()}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader, device: torch.device, config, logger) -> Dict[str, float]:
+    def evaluate(self, model: nn.Module, loader) -> Dict[str, float]:
         """Whole-image inference (padded to a multiple of 32), logits resized to the mask; one confusion
         matrix summed over all processes."""
-        model.eval()
-        num_classes = config.MODEL.NUM_CLASSES
-        confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+        num_classes = self.config.MODEL.NUM_CLASSES
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=self.device)
         for images, masks in loader:
-            images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-            with autocast(config, device):
-                logits = model(pad_to_multiple(images))
-            logits = logits[..., :images.shape[-2], :images.shape[-1]].float()
+            images, masks = images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
+            logits = model(pad_to_multiple(images))[..., :images.shape[-2], :images.shape[-1]].float()
             logits = F.interpolate(logits, size=masks.shape[-2:], mode='bilinear', align_corners=False)
             confusion += confusion_matrix(logits.argmax(1), masks, num_classes)
-        return segmentation_metrics(all_reduce_sum(confusion))
+        return segmentation_metrics(all_reduce(confusion))
 
 
 if __name__ == '__main__':
-    engine.main(SegmentationTask(), 'FAT semantic segmentation training and evaluation', defaults(), CHOICES)
+    engine.main(SegmentationTask, 'FAT semantic segmentation training and evaluation', defaults(), CHOICES)

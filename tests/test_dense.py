@@ -1,6 +1,7 @@
 """FAT as a dense-prediction backbone: the backbone, torchvision detection, smp segmentation, and
 their shared entry point, on a tiny generated set of digit canvases (CPU)."""
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,9 +19,9 @@ import torch
 from pycocotools.coco import COCO
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
+import engine
 import models
 from config import update_config
-from data import DataError
 from data.digit_canvases import materialize_digit_canvases
 from detection.evaluate import evaluate_coco
 from detection.train import CHOICES as DET_CHOICES, DetectionTask, defaults as det_defaults
@@ -28,6 +29,7 @@ from models import FATBackbone
 from segmentation.data import (IGNORE_INDEX, SegmentationFolder, confusion_matrix, pad_to_multiple,
                                segmentation_metrics)
 from segmentation.train import CHOICES as SEG_CHOICES, SegmentationTask, defaults as seg_defaults
+from utils import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / 'shared' / 'testdata' / 'official-fat'
@@ -44,6 +46,11 @@ def dense_config(defaults, choices, cfg: str, *opts: str):
     """An entry point's config from its yaml and --opts, as its command line would build it."""
     update_config(defaults, Namespace(cfg=str(REPO / cfg), opts=list(opts) or None), choices)
     return defaults
+
+
+def task_of(task_class, config, tmp_path) -> engine.Task:
+    """A task in a one-process CPU session, as the engine starts it."""
+    return task_class(engine.Session(config, 0, 1, torch.device('cpu'), str(tmp_path), logging.getLogger('test')))
 
 
 # --- backbone ---------------------------------------------------------------------------------
@@ -130,9 +137,9 @@ def test_smp_timm_universal_encoder_accepts_fat():
 
 
 @pytest.mark.parametrize('arch', ['fpn', 'upernet'])
-def test_segmenter_uses_the_backbone_and_predicts_at_input_size(arch):
+def test_segmenter_uses_the_backbone_and_predicts_at_input_size(arch, tmp_path):
     config = dense_config(seg_defaults(), SEG_CHOICES, 'segmentation/configs/digits_fpn_fat_b0.yaml', 'SEG.ARCH', arch)
-    model = SegmentationTask().build_model(config).eval()
+    model = task_of(SegmentationTask, config, tmp_path).build_model().eval()
     assert isinstance(model.encoder.model, FATBackbone)
     images = torch.randn(2, 3, 100, 70)
     with torch.no_grad():
@@ -172,16 +179,17 @@ def test_segmentation_folder_reduces_zero_label_and_names_bad_masks(tmp_path, ca
 # --- detection ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('arch', ['retinanet', 'maskrcnn'])
-def test_one_detection_training_step_lowers_nothing_to_nan_and_moves_the_weights(arch, canvases):
+def test_one_detection_training_step_lowers_nothing_to_nan_and_moves_the_weights(arch, canvases, tmp_path):
     config = dense_config(det_defaults(), DET_CHOICES, 'detection/configs/digits_retinanet_fat_b0.yaml',
                           'DET.ARCH', arch, 'DATA.DATA_PATH', str(canvases), 'DATA.NUM_WORKERS', '0',
                           'DATA.BATCH_SIZE', '2', 'DET.MIN_SIZE', '64', 'DET.MAX_SIZE', '64', *TINY_FAT)
-    task = DetectionTask()
-    loader_train, _ = task.build_loaders(config, 0, 1)
-    model = task.build_model(config).train()
+    task = task_of(DetectionTask, config, tmp_path)
+    loader_train = task.build_data().train
+    loader_train.sampler.set_epoch(0)
+    model = task.build_model().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss, parts = task.loss(model, next(iter(loader_train)), torch.device('cpu'))
+    loss, parts = task.loss(model, next(iter(loader_train)))
     expected = {'classification', 'bbox_regression'} if arch == 'retinanet' else \
         {'loss_classifier', 'loss_box_reg', 'loss_mask', 'loss_objectness', 'loss_rpn_box_reg'}
     assert set(parts) == expected and torch.isfinite(loss)
@@ -215,25 +223,25 @@ class _Oracle(torch.nn.Module):
         return outputs
 
 
-def test_coco_evaluation_scores_perfect_and_shifted_boxes_and_masks(canvases):
+def test_coco_evaluation_scores_perfect_and_shifted_boxes_and_masks(canvases, tmp_path):
     config = dense_config(det_defaults(), DET_CHOICES, 'detection/configs/digits_retinanet_fat_b0.yaml',
                           'DATA.DATA_PATH', str(canvases), 'DATA.NUM_WORKERS', '0')
-    task = DetectionTask()
-    _, loader_val = task.build_loaders(config, 0, 1)
+    task = task_of(DetectionTask, config, tmp_path)
+    loader_val = task.build_data().val
     coco = task.coco_val
-    perfect = evaluate_coco(config, _Oracle(coco, 0.0), loader_val, coco, torch.device('cpu'))
+    perfect = evaluate_coco(_Oracle(coco, 0.0), loader_val, coco, torch.device('cpu'))
     assert perfect['bbox_AP'] == pytest.approx(1.0) and perfect['bbox_AP50'] == pytest.approx(1.0)
     assert 'segm_AP' not in perfect
-    shifted = evaluate_coco(config, _Oracle(coco, 6.0), loader_val, coco, torch.device('cpu'))
+    shifted = evaluate_coco(_Oracle(coco, 6.0), loader_val, coco, torch.device('cpu'))
     assert shifted['bbox_AP'] < 0.6
-    with_masks = evaluate_coco(config, _Oracle(coco, 0.0, masks=True), loader_val, coco, torch.device('cpu'))
+    with_masks = evaluate_coco(_Oracle(coco, 0.0, masks=True), loader_val, coco, torch.device('cpu'))
     assert with_masks['segm_AP'] == pytest.approx(1.0) and with_masks['bbox_AP'] == pytest.approx(1.0)
 
 
 # --- the entry points, end to end ---------------------------------------------------------------
 
-def _run(module: str, cfg: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS='2')
+def _run(module: str, cfg: str, *args: str, threads: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     return subprocess.run([sys.executable, '-m', module, '--cfg', cfg, '--device', 'cpu', *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -290,17 +298,21 @@ def test_digit_canvases_are_valid_coco_with_masks_matching_the_semantic_maps(can
         assert ((semantic > 0) == (union > 0)).all()
 
 
-def test_sigterm_saves_mid_epoch_and_the_same_command_continues_from_there(tmp_path, canvases):
+def test_sigterm_saves_mid_epoch_and_the_same_command_continues_bitwise(tmp_path, canvases):
+    """Dense tasks run on the same engine: EMA, accumulation and per-sample-seeded exact resume too."""
     cfg = 'segmentation/configs/digits_fpn_fat_b0.yaml'
-    opts = ['--output', str(tmp_path), '--opts', 'DATA.DATA_PATH', str(canvases), 'DATA.BATCH_SIZE', '1',
-            'DATA.NUM_WORKERS', '0', 'DATA.CROP_SIZE', '64', 'DATA.BASE_SIZE', '64', 'PRINT_FREQ', '1',
-            'TRAIN.EPOCHS', '2', *TINY_FAT]
-    log = tmp_path / 'fpn_fat_b0_digits' / 'default' / 'log.txt'
-    proc = subprocess.Popen([sys.executable, '-m', 'segmentation.train', '--cfg', cfg, '--device', 'cpu', *opts],
+    opts = ['--opts', 'DATA.DATA_PATH', str(canvases), 'DATA.BATCH_SIZE', '1', 'DATA.NUM_WORKERS', '0',
+            'DATA.CROP_SIZE', '64', 'DATA.BASE_SIZE', '64', 'PRINT_FREQ', '1', 'TRAIN.EPOCHS', '2',
+            'TRAIN.ACCUMULATION_STEPS', '2', 'MODEL.EMA.ENABLE', 'True', 'MODEL.DROP_PATH_RATE', '0.1', *TINY_FAT]
+    reference = _run('segmentation.train', cfg, '--output', str(tmp_path / 'reference'), *opts, threads=1)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    args = ['--output', str(tmp_path / 'run'), *opts]
+    log = tmp_path / 'run' / 'fpn_fat_b0_digits' / 'default' / 'log.txt'
+    proc = subprocess.Popen([sys.executable, '-m', 'segmentation.train', '--cfg', cfg, '--device', 'cpu', *args],
                             cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (log.exists() and 'Train: [0/2][1/12]' in log.read_text()):
+    while not (log.exists() and 'Train: [0/2][2/12]' in log.read_text()):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
@@ -308,11 +320,16 @@ def test_sigterm_saves_mid_epoch_and_the_same_command_continues_from_there(tmp_p
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert 'stopped by SIGTERM at epoch 0 step' in stderr and 'Run the same command again' in stderr
     saved = torch.load(log.parent / 'ckpt_last.pth', weights_only=True)
-    assert saved['epoch'] == 0 and 0 < saved['step'] < 12
+    assert saved['epoch'] == 0 and 0 < saved['step'] < 12 and saved['step'] % 2 == 0
 
-    again = _run('segmentation.train', cfg, *opts)
+    again = _run('segmentation.train', cfg, *args, threads=1)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"(epoch 0, {saved['step']} steps done" in again.stdout
     assert f"Train: [0/2][{saved['step']}/12]" in again.stdout and 'Train: [0/2][0/12]' not in again.stdout
     assert again.stdout.count('Train: [0/2]') == 12 - saved['step']  # only the batches not yet trained on
-    assert torch.load(log.parent / 'ckpt_last.pth', weights_only=True)['epoch'] == 1
+    final = torch.load(log.parent / 'ckpt_last.pth', weights_only=True)
+    expected = torch.load(tmp_path / 'reference' / 'fpn_fat_b0_digits' / 'default' / 'ckpt_last.pth',
+                          weights_only=True)
+    for part in ('model', 'ema'):
+        for key, value in expected[part].items():
+            assert torch.equal(final[part][key], value), f'{part} {key}'

@@ -224,27 +224,25 @@ def test_model_uses_plain_batchnorm():
     model = timm.create_model('fat_b0')
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
-    synced = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
 
 
 def test_build_model_from_config():
-    from yacs.config import CfgNode as CN
-    config = CN(new_allowed=True)
-    config.DATA = CN(dict(IN_CHANS=3))
-    config.MODEL = CN(dict(TYPE='fat', NUM_CLASSES=10, DROP_RATE=0., DROP_PATH_RATE=0.1, DWCONV_IMPL='torch'))
-    config.MODEL.FAT = CN(dict(EMBED_DIMS=[32, 80, 160, 256], DEPTHS=[2, 2, 6, 2], NUM_HEADS=[2, 5, 10, 16],
-                               KERNEL_SIZES=[3, 5, 7, 9], WINDOW_SIZES=[8, 4, 2, 1], MLP_KERNEL_SIZES=[5, 5, 5, 5],
-                               MLP_RATIOS=[4, 4, 4, 4]))
+    from argparse import Namespace
+
+    from config import get_config
+    config = get_config(Namespace(cfg=None, opts=['MODEL.VARIANT', 'fat_b0', 'MODEL.NUM_CLASSES', '10',
+                                                  'MODEL.DWCONV_IMPL', 'torch']))
     model = models.build_model(config)
     assert sum(p.numel() for p in model.parameters()) == PARAMS['fat_b0'] - 1000 * 257 + 10 * 257
     assert all(m.impl == 'torch' for m in model.modules() if isinstance(m, models.DepthwiseConv2d))
-    config.MODEL.TYPE = 'swin'
-    with pytest.raises(ValueError, match='MODEL.TYPE'):
+    config = get_config(Namespace(cfg=None, opts=['MODEL.VARIANT', 'fat_b1', 'MODEL.FAT.DEPTHS', '[1, 1, 2, 1]']))
+    model = models.build_model(config)
+    assert [len(stage.blocks) for stage in model.stages] == [1, 1, 2, 1], 'MODEL.FAT overrides one entry'
+    assert model.stages[0].blocks[0].attn.num_heads == 3, 'the rest is the variant\'s'
+    config = get_config(Namespace(cfg=None, opts=['MODEL.VARIANT', 'fat_b9']))
+    with pytest.raises(ValueError, match="MODEL.VARIANT is 'fat_b9'"):
         models.build_model(config)
 
-
-# --- fast by design ---------------------------------------------------------------------------------
 
 def test_attention_runs_on_sdpa_with_unit_stride_heads(monkeypatch):
     calls = []

@@ -1,0 +1,98 @@
+"""The one run engine: image classification (``main.py``), detection and segmentation all train and
+evaluate through it.
+
+A task supplies its data, model, loss and metric (``task.Task``). The engine owns the rest:
+processes and devices, mixed precision and loss scaling, gradient accumulation and clipping, EMA,
+non-finite steps, logging, checkpoints, resume and preemption, so that a change to any of them is
+made once and holds for every task.
+
+    session = start(config)                     # processes, threads, run folder, log
+    train_or_evaluate(MyTask(session))          # --eval: evaluate MODEL.RESUME; else train, resuming
+
+``task.py`` holds the contract, ``trainer.py`` the loop, ``checkpoints.py`` what a checkpoint holds and
+which one a run resumes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+
+from config import output_dir, parse_command_line
+from logger import create_logger
+from models import check_architecture
+from utils import (ConfigError, UserInputError, amp_dtype, fit_cpu_threads, init_distributed, keep_freed_memory,
+                   load_checkpoint_file, remove_leftover_temporaries, run_entry_point, seed_everything)
+
+from .checkpoints import config_changes, load_weights
+from .task import Session, Task, TaskData
+from .trainer import BatchNormGuard, Trainer, evaluate, sync_batchnorm
+
+__all__ = ['BatchNormGuard', 'Session', 'Task', 'TaskData', 'Trainer', 'config_changes', 'evaluate', 'load_weights',
+           'main', 'start', 'sync_batchnorm', 'train_or_evaluate']
+
+
+def start(config) -> Session:
+    """Join the other processes, fit the CPU threads, check the architecture, make the run folder and
+    the log; before any data is read."""
+    rank, world_size, device = init_distributed(config.DEVICE)
+    out_dir = output_dir(config)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f'.write_test{os.getpid()}')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as error:
+        raise UserInputError(f'cannot write to the output folder {out_dir} (--output / OUTPUT): {error}') from error
+    logger = create_logger(out_dir, rank, name=config.MODEL.NAME)
+    lowered = fit_cpu_threads(int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    heap_reuse = device.type == 'cpu' and keep_freed_memory()
+    seed_everything(config.SEED + rank)
+    try:
+        check_architecture(config)
+    except ValueError as error:
+        raise ConfigError(f'MODEL: {error}') from error
+    precision = amp_dtype(config, device)
+    logger.info(f'{world_size} process(es) on {device}; {torch.get_num_threads()} CPU threads per process'
+                + (f' (lowered from {lowered[0]} so that the processes fit the cores this job may use)'
+                   if lowered else '')
+                + f'; {"autocast " + str(precision).split(".")[-1] if precision else "fp32"}'
+                + ('; large blocks kept on the heap for reuse (glibc mallopt)' if heap_reuse else ''))
+    if rank == 0 and not config.EVAL_MODE:
+        for name in remove_leftover_temporaries(out_dir):
+            logger.info(f'removed {name}, left by a save that was killed')
+    return Session(config, rank, world_size, device, out_dir, logger)
+
+
+def train_or_evaluate(task: Task) -> Dict[str, float]:
+    """With EVAL_MODE evaluate MODEL.RESUME; otherwise train, resuming where the run folder (or
+    MODEL.RESUME) left off. Returns the last metrics."""
+    session, config = task.session, task.config
+    data = task.build_data()
+    session.logger.info(data.description)
+    try:
+        model = task.build_model()
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    session.logger.info(f'{config.MODEL.NAME}: {n_params:,} parameters ({n_trainable:,} trainable)')
+    model.to(session.device)
+    if config.get('CHANNELS_LAST'):
+        model.to(memory_format=torch.channels_last)
+    if not config.EVAL_MODE:
+        return Trainer(task, data, model).fit()
+    if not config.MODEL.RESUME:
+        raise UserInputError('--eval needs a checkpoint: pass --resume CKPT')
+    load_weights(model, task.weights(load_checkpoint_file(config.MODEL.RESUME)), config.MODEL.RESUME)
+    session.logger.info(f'config:\n{config.dump()}')
+    metrics = evaluate(task, task.for_inference(model), data.val)
+    session.logger.info(task.summary(metrics))
+    return metrics
+
+
+def main(task_class: Callable[[Session], Task], description: str, defaults=None, choices: Optional[dict] = None) -> None:
+    """A task's command-line entry point: parse, start, then train or evaluate (errors and stop
+    signals as ``utils.run_entry_point``)."""
+    run_entry_point(lambda: train_or_evaluate(task_class(start(parse_command_line(description, defaults, choices)))))

@@ -1,0 +1,73 @@
+"""What a task supplies to the engine (:class:`Task`, :class:`TaskData`), and where one process of a
+run stands (:class:`Session`)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Session:
+    """One process's part of a run: its config, place among the processes, device, folder and log."""
+    config: object
+    rank: int
+    world_size: int
+    device: torch.device
+    out_dir: str
+    logger: logging.Logger
+
+
+@dataclass
+class TaskData:
+    """A task's data for this process."""
+    train: torch.utils.data.DataLoader  # data.build_train_loader: resumable, per-sample seeded
+    val: torch.utils.data.DataLoader  # data.build_eval_loader: every sample once over all processes
+    identity: dict  # what makes the data set itself (classes, size): a run folder holds one
+    description: str  # one line for the log
+
+
+class Task:
+    """What a task supplies: its data, model, loss and metric. ``session`` gives its config, device
+    and log."""
+
+    #: the key of ``evaluate``'s result that picks ckpt_best.pth (higher is better)
+    primary_metric: str = ''
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.config = session.config
+        self.device = session.device
+        self.logger = session.logger
+
+    def build_data(self) -> TaskData:
+        """Training and evaluation data; may set config keys that follow the data (class count)."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        """The network on the CPU, pretrained weights loaded when MODEL.PRETRAINED is given."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(total loss, its parts) of one training batch; runs under the engine's autocast."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader) -> Dict[str, float]:
+        """Metrics over the whole evaluation set, the same on every process; runs in eval mode under
+        the engine's ``no_grad`` and autocast."""
+        raise NotImplementedError
+
+    def summary(self, metrics: Dict[str, float]) -> str:
+        """The log line of an evaluation."""
+        return ', '.join(f'{name} {value:.4f}' for name, value in metrics.items())
+
+    def weights(self, checkpoint: dict) -> dict:
+        """The model's state dict inside a checkpoint file."""
+        return checkpoint.get('model', checkpoint)
+
+    def for_inference(self, model: nn.Module) -> nn.Module:
+        """The model that --eval runs (after its weights are loaded)."""
+        return model

@@ -1,0 +1,79 @@
+"""The engine's pieces that need no run: BatchNorm set-up and guard, config differences, threads."""
+import os
+import signal
+import sys
+from argparse import Namespace
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn as nn
+from timm.layers import freeze_batch_norm_2d
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import engine  # noqa: E402
+from config import get_config  # noqa: E402
+from utils import StopSignal, fit_cpu_threads  # noqa: E402
+
+
+def net() -> nn.Module:
+    """A BatchNorm, and one frozen as FATBackbone(freeze_bn=True) freezes them."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), freeze_batch_norm_2d(nn.BatchNorm2d(4)), nn.ReLU())
+
+
+@pytest.mark.parametrize('device,world_size,synced', [('cuda', 2, True), ('cuda', 1, False), ('cpu', 2, False)])
+def test_batchnorm_is_synchronised_only_across_several_gpus_and_frozen_ones_stay_frozen(device, world_size, synced):
+    model = engine.sync_batchnorm(net(), torch.device(device), world_size)
+    assert isinstance(model[1], nn.SyncBatchNorm) == synced
+    assert type(model[2]).__name__ == 'FrozenBatchNorm2d'
+
+
+def test_batchnorm_guard_puts_back_the_statistics_of_a_skipped_step():
+    model = net().train()
+    guard = engine.BatchNormGuard(model)
+    model(torch.randn(2, 3, 8, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    guard.snapshot()
+    model(torch.full((2, 3, 8, 8), float('nan')))
+    guard.restore_if(torch.tensor(True))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    guard.snapshot()
+    model(torch.randn(2, 3, 8, 8))
+    guard.restore_if(torch.tensor(False))
+    assert model[1].num_batches_tracked == before['1.num_batches_tracked'] + 1, 'a good step keeps its update'
+    assert not torch.equal(model[1].running_mean, before['1.running_mean'])
+
+
+def test_config_changes_name_each_key_and_skip_how_the_run_was_launched():
+    old = get_config(Namespace(cfg=None, opts=['TRAIN.EPOCHS', '10', 'OUTPUT', 'a']))
+    new = get_config(Namespace(cfg=None, opts=['TRAIN.EPOCHS', '20', 'OUTPUT', 'b', 'TRAIN.BASE_LR', '0.001']))
+    assert engine.config_changes(old.dump(), new) == ['TRAIN.BASE_LR 0.0005 -> 0.001', 'TRAIN.EPOCHS 10 -> 20']
+
+
+@pytest.mark.parametrize('threads,processes,cores,expected', [(2, 2, 2, (2, 1)), (8, 2, 16, None), (16, 3, 16, (16, 5)),
+                                                              (4, 8, 2, (4, 1))])
+def test_threads_per_process_are_lowered_to_fit_the_cores(threads, processes, cores, expected):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with mock.patch.object(os, 'sched_getaffinity', return_value=set(range(cores))):
+            assert fit_cpu_threads(processes) == expected
+            assert torch.get_num_threads() == (expected[1] if expected else threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_lone_process_stops_at_the_first_step_after_a_signal():
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        stop = StopSignal(mock.Mock())
+        assert stop.requested() == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested() == signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
