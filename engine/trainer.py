@@ -310,7 +310,7 @@ class Trainer:
         """Checkpoint the run: rank 0 writes, every process contributes its random state and waits for
         the write. Non-finite weights are never written: the last good checkpoint stays."""
         config, progress = self.config, self.progress
-        finite = torch.tensor(int(all_finite(self.model.state_dict())))
+        finite = torch.tensor(int(all_finite(self.model.state_dict())), device=self.device)
         if not all_reduce(finite, 'min'):
             raise NonFiniteLossError(f'the weights or BatchNorm statistics are non-finite at epoch {progress.epoch} '
                                      f'step {progress.step}; not saving them, the last good checkpoint in '
@@ -350,8 +350,9 @@ class Trainer:
                                         'param_groups': groups})
         if self.loss_scaling:
             self.scaler.load_state_dict(checkpoint['scaler'])
-        if self.ema is not None and checkpoint.get('ema') is not None:
-            self.ema.module.load_state_dict(checkpoint['ema'])
+        if self.ema is not None:  # newly enabled: it starts from the resumed weights
+            self.ema.module.load_state_dict(checkpoint['ema'] if checkpoint['ema'] is not None
+                                            else self.model.state_dict())
         progress.epoch, progress.step = checkpoints.resume_position(
             checkpoint, self.config.DATA.BATCH_SIZE * session.world_size, self.steps_per_epoch, self.accumulation,
             self.logger)

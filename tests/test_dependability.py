@@ -208,8 +208,12 @@ def first_lr_of_epoch(stdout: str, epoch: int, epochs: int) -> float:
 
 def test_a_longer_run_continues_the_new_schedule_and_lists_what_changed(data, tmp_path):
     run_main(*train_args(data, tmp_path))  # 1 epoch: its cosine ends at MIN_LR
-    proc = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '2'))
-    assert 'TRAIN.EPOCHS 1 -> 2' in proc.stdout
+    first = last_checkpoint(tmp_path)
+    proc = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '2', 'MODEL.EMA.ENABLE', 'True'))
+    assert 'TRAIN.EPOCHS 1 -> 2' in proc.stdout and 'MODEL.EMA.ENABLE False -> True' in proc.stdout
+    ema = last_checkpoint(tmp_path)['ema']  # decay 0.9998 over 6 steps: still almost where it started
+    assert all(torch.allclose(ema[k], v, atol=1e-3) for k, v in first['model'].items() if v.is_floating_point()), \
+        'an EMA enabled on resume starts from the resumed weights'
     # batch 4 of 24 images: 6 optimizer steps per epoch; LRs scale by 4 / 512
     assert first_lr_of_epoch(proc.stdout, 1, 2) == pytest.approx(expected_lr(2, 6, 7, 4 / 512), rel=2e-3)
     assert first_lr_of_epoch(proc.stdout, 1, 2) > 2 * expected_lr(1, 6, 6, 4 / 512)
