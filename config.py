@@ -124,8 +124,8 @@ _C.DEVICE = ''  # cuda or cpu; empty picks cuda when available
 _C.AMP_ENABLE = True  # mixed precision with torch.amp on CUDA (AMP_DTYPE); on CPU only with AMP_CPU
 _C.AMP_DTYPE = 'bf16'  # CUDA autocast type: bf16 (no loss scaling) or fp16 (with GradScaler)
 _C.AMP_CPU = False  # with AMP_ENABLE, bf16 autocast on CPU too (off: slower than fp32 for FAT on the CPUs measured)
-_C.COMPILE = False  # torch.compile the model (--eval / --throughput on CPU: with inductor's weight freezing)
-_C.REPARAM = False  # --eval / --throughput run the deploy form: BatchNorms folded into convs (same logits)
+_C.COMPILE = False  # torch.compile the model (--eval and --throughput's inference on CPU: with inductor's freezing)
+_C.REPARAM = False  # --eval and --throughput's inference run the deploy form: BatchNorms folded into convs
 _C.CHANNELS_LAST = False  # channels_last memory format for model and inputs
 _C.OUTPUT = 'output'  # root of run folders: OUTPUT/MODEL.NAME/TAG
 _C.TAG = 'default'  # run tag
@@ -134,7 +134,7 @@ _C.SAVE_KEEP = 3  # keep the newest SAVE_KEEP ckpt_epoch_N.pth (0 keeps all); ck
 _C.PRINT_FREQ = 10  # micro-batches between log lines
 _C.SEED = 0  # random seed (offset by rank)
 _C.EVAL_MODE = False  # only evaluate MODEL.RESUME
-_C.THROUGHPUT_MODE = False  # only measure inference throughput
+_C.THROUGHPUT_MODE = False  # only measure training and inference throughput (synthetic batches, no data)
 
 # Keys that take one of a few words; checked after every merge so a typo is named before any work.
 _CHOICES = {
@@ -169,11 +169,11 @@ _FLAGS: Dict[str, Tuple[str, object, str]] = {
     '--output': ('OUTPUT', None, 'root of run folders'),
     '--tag': ('TAG', None, 'run tag (a separate run folder)'),
     '--eval': ('EVAL_MODE', True, 'only evaluate --resume'),
-    '--throughput': ('THROUGHPUT_MODE', True, 'only measure inference throughput'),
+    '--throughput': ('THROUGHPUT_MODE', True, 'only measure training and inference img/s (no data needed)'),
     '--device': ('DEVICE', None, 'cuda or cpu (default: cuda when available)'),
     '--compile': ('COMPILE', True, 'torch.compile the model'),
     '--channels-last': ('CHANNELS_LAST', True, 'channels_last model and inputs'),
-    '--reparam': ('REPARAM', True, '--eval / --throughput: fold BatchNorms into convs first (same logits)'),
+    '--reparam': ('REPARAM', True, '--eval, --throughput\'s inference: fold BatchNorms into convs (same logits)'),
     '--seed': ('SEED', None, 'random seed'),
 }
 

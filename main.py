@@ -9,8 +9,12 @@ its data, model, loss and metric; the engine trains, evaluates, checkpoints and 
 """
 from __future__ import annotations
 
+import copy
+import datetime
+import itertools
+import math
 import time
-from typing import Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,7 +24,8 @@ import engine
 from config import parse_command_line
 from data import build_loader, build_mixup
 from models import build_model, checkpoint_filter_fn, count_macs
-from utils import CheckpointError, all_reduce, autocast, load_checkpoint_file, run_entry_point, state_dict_mismatch
+from utils import (CheckpointError, all_reduce, amp_dtype, autocast, load_checkpoint_file, memory_used_mb,
+                   run_entry_point, state_dict_mismatch)
 
 
 class Classification(engine.Task):
@@ -38,16 +43,21 @@ class Classification(engine.Task):
             config.defrost()
             config.MODEL.NUM_CLASSES = len(classes)
             config.freeze()
-        self.mixup = build_mixup(config, len(classes))
+        self.build_loss(len(classes))
+        return engine.TaskData(
+            loader_train, loader_val, identity={'classes': list(classes), 'train_images': len(dataset_train)},
+            description=f'{len(dataset_train)} training and {len(dataset_val)} validation images, {len(classes)} classes')
+
+    def build_loss(self, num_classes: int) -> None:
+        """Mixup/CutMix (as AUG configures them) and the training criterion that fits them."""
+        config = self.config
+        self.mixup = build_mixup(config, num_classes)
         if self.mixup is not None:
             self.criterion = SoftTargetCrossEntropy()  # the labels are already mixed and smoothed
         elif config.MODEL.LABEL_SMOOTHING > 0:
             self.criterion = LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
         else:
             self.criterion = nn.CrossEntropyLoss()
-        return engine.TaskData(
-            loader_train, loader_val, identity={'classes': list(classes), 'train_images': len(dataset_train)},
-            description=f'{len(dataset_train)} training and {len(dataset_val)} validation images, {len(classes)} classes')
 
     def build_model(self) -> nn.Module:
         config = self.config
@@ -132,38 +142,105 @@ def inference_model(config, model: nn.Module, device: torch.device, logger) -> n
     return torch.compile(model)
 
 
+# ImageNet-1k's training images: the epoch that --throughput estimates the time of.
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def throughput(session: engine.Session) -> None:
+    """Training, then inference, images per second with the run's settings (DATA.BATCH_SIZE,
+    DATA.IMG_SIZE, TRAIN.ACCUMULATION_STEPS, AMP, COMPILE, CHANNELS_LAST) on synthetic batches, with
+    no data folder: how long the run will take, before it starts."""
+    task = Classification(session)
+    task.build_loss(session.config.MODEL.NUM_CLASSES)
+    model = engine.build_model(task)
+    fresh = copy.deepcopy(model)  # for inference, untouched by the training steps; on the CPU until then
+    train_throughput(task, engine.to_device(model, session))
+    infer_throughput(task, engine.to_device(fresh, session))
+
+
+def train_throughput(task: Classification, model: nn.Module) -> float:
+    """Training images per second of this process, every micro-batch counted, through the engine's
+    own step (loss, backward, accumulation, clipping, optimizer, EMA) on one synthetic batch already on
+    the device; logs the peak memory and how long an ImageNet epoch and TRAIN.EPOCHS take."""
+    config, session = task.config, task.session
+    device, logger = session.device, session.logger
+    batch_size, accumulation, size = config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, config.DATA.IMG_SIZE
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    resident_before = memory_used_mb(device) if device.type == 'cpu' else 0.0
+    batch = (torch.randn(batch_size, config.DATA.IN_CHANS, size, size, device=device),
+             torch.randint(config.MODEL.NUM_CLASSES, (batch_size,), device=device))
+    # The training set is one optimizer step's micro-batches: the trainer sizes its LR schedule by it.
+    trainer = engine.Trainer(task, engine.TaskData([batch] * accumulation, [], {}, 'synthetic'), model)
+    micro_batches = itertools.count()
+
+    def optimizer_step() -> None:
+        for _ in range(accumulation):
+            trainer.train_step(next(micro_batches), batch)
+
+    warmup, min_steps, min_seconds = (10, 10, 5.0) if device.type == 'cuda' else (2, 3, 3.0)
+    for _ in range(warmup):
+        optimizer_step()
+    trained_before = trainer.progress.step
+    steps, seconds = timed(optimizer_step, device, min_steps, min_seconds)
+    images = (trainer.progress.step - trained_before) * batch_size  # the micro-batches the trainer stepped over
+    rate = images / seconds
+    peak = memory_used_mb(device) - resident_before
+    precision = amp_dtype(config, device)
+    settings = ', '.join([str(precision).split('.')[-1] if precision else 'fp32']
+                         + ['compiled'] * config.COMPILE + ['channels_last'] * config.CHANNELS_LAST)
+    # Every process ran as many steps over the same (slowest) time, so all together train world_size times as fast.
+    total = rate * session.world_size
+    logger.info(f'training: batch_size {batch_size} x {accumulation} micro-batch(es) per optimizer step, image size '
+                f'{size}, {settings}: {steps} optimizer steps, {images} images in {seconds:.2f} s, {rate:.1f} img/s '
+                + ('(one process)' if session.world_size == 1 else
+                   f'per process, {total:.1f} img/s over {session.world_size} processes')
+                + (f'; peak memory {peak:.0f} MB allocated' if device.type == 'cuda'
+                   else f'; peak resident memory +{peak:.0f} MB over the built model'))
+    epoch = IMAGENET_TRAIN_IMAGES / total
+    logger.info(f'at {total:.1f} img/s an ImageNet-1k epoch ({IMAGENET_TRAIN_IMAGES:,} images) trains in '
+                f'{datetime.timedelta(seconds=round(epoch))} and TRAIN.EPOCHS {config.TRAIN.EPOCHS} in '
+                f'{datetime.timedelta(seconds=round(epoch * config.TRAIN.EPOCHS))} (data loading and evaluation '
+                'not counted)')
+    return rate
+
+
 @torch.no_grad()
-def throughput(session: engine.Session) -> float:
-    """Inference images per second at DATA.BATCH_SIZE and DATA.IMG_SIZE on random images, timed after
-    warm-up."""
-    config, device, logger = session.config, session.device, session.logger
-    model = build_model(config)
-    logger.info(f'{config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()):,} parameters')
-    log_macs(config, model, logger)
-    model.to(device)
-    if config.CHANNELS_LAST:
-        model.to(memory_format=torch.channels_last)
+def infer_throughput(task: Classification, model: nn.Module) -> float:
+    """Inference images per second of this process on random images, timed after warm-up, in the
+    form --eval runs (REPARAM, COMPILE)."""
+    config, device, logger = task.config, task.device, task.logger
     model = inference_model(config, model, device, logger)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    size = config.DATA.IMG_SIZE
-    images = torch.randn(config.DATA.BATCH_SIZE, config.DATA.IN_CHANS, size, size, device=device)
+    batch_size, size = config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE
+    images = torch.randn(batch_size, config.DATA.IN_CHANS, size, size, device=device)
     if config.CHANNELS_LAST:
         images = images.contiguous(memory_format=torch.channels_last)
-    warmup, min_seconds = (50, 5.0) if device.type == 'cuda' else (3, 3.0)
+    warmup, min_steps, min_seconds = (50, 10, 5.0) if device.type == 'cuda' else (3, 10, 3.0)
     with autocast(config, device):
         for _ in range(warmup):
             model(images)
-        sync()
-        iters, start = 0, time.time()
-        while iters < 10 or time.time() - start < min_seconds:
-            model(images)
-            iters += 1
-        sync()
-    seconds = time.time() - start
-    rate = iters * config.DATA.BATCH_SIZE / seconds
-    logger.info(f'batch_size {config.DATA.BATCH_SIZE} image size {size}: {iters * config.DATA.BATCH_SIZE} images in '
-                f'{seconds:.2f} s, throughput {rate:.1f} img/s')
+        steps, seconds = timed(lambda: model(images), device, min_steps, min_seconds)
+    rate = steps * batch_size / seconds
+    logger.info(f'inference: batch_size {batch_size} image size {size}: {steps * batch_size} images in '
+                f'{seconds:.2f} s, throughput {rate:.1f} img/s (one process)')
     return rate
+
+
+def timed(step: Callable[[], object], device: torch.device, min_steps: int, min_seconds: float) -> Tuple[int, float]:
+    """(steps, seconds) of ``step`` run at least ``min_steps`` times and for at least ``min_seconds``,
+    the device synchronised only between rounds of steps. Every process runs as many steps (so that
+    training's gradient all-reduces pair up) and takes the slowest one's time."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    sync()
+    steps, todo, start = 0, min_steps, time.time()
+    while todo:
+        for _ in range(todo):
+            step()
+        steps += todo
+        sync()
+        seconds = all_reduce(torch.tensor(time.time() - start, dtype=torch.float64, device=device), 'max').item()
+        todo = math.ceil(steps * (min_seconds / seconds - 1)) if seconds < min_seconds else 0
+    return steps, seconds
 
 
 def main(config) -> None:

@@ -1,7 +1,10 @@
 """Throughput and peak memory of FAT beside timm peers of similar ImageNet accuracy.
 
 Every (model, mode, batch, size) runs in a fresh subprocess, so its peak memory is its own, and
-all of them run in one invocation, so the numbers compare. Modes build on each other:
+all of them run in one invocation, so the numbers compare (``--share-process``: all in one worker
+process, started again after a measurement that fails; faster on a GPU, where import and CUDA start-up
+dominate, and the peak CUDA memory is still each measurement's own, but the peak RSS is the process's).
+Modes build on each other:
 
     eager          NCHW, as built
     channels_last  + channels_last weights and input
@@ -10,8 +13,12 @@ all of them run in one invocation, so the numbers compare. Modes build on each o
                    prepacks conv weights and fuses activations and adds into oneDNN convs: the CPU
                    inference recipe PyTorch recommends, applied to every model alike)
 
-``--task train`` times forward + backward + AdamW step (fused mode does not apply).
-``fat_b0_literal`` is the spec written out op by op (benchmarks/literal_fat.py), NCHW eager only.
+``--task train`` times forward + backward + AdamW step (fused mode does not apply; AdamW is fused on
+CUDA). ``--amp bf16`` / ``fp16`` runs under ``torch.autocast`` on the device (fp16 training with loss
+scaling). ``--dwconv-impl torch cuda`` measures each FAT model once per depthwise-conv implementation
+(``MODEL.DWCONV_IMPL``; ours stays in compiled graphs as the ``torch.ops.fat`` operator). On CUDA,
+``cudnn.benchmark`` is on. ``fat_b0_literal`` is the spec written out op by op
+(benchmarks/literal_fat.py), NCHW eager only.
 
 Usage:
     python benchmarks/bench_models.py                                  # inference table, CPU ~25 min
@@ -20,10 +27,13 @@ Usage:
     python benchmarks/bench_models.py --models fat_b0 --batch-size 1 --img-size 1024 --modes channels_last
     python benchmarks/bench_models.py --models fat_b0 fastvit_t8 --modes compiled \\
         --img-size 224 384 512 768 1024 --batch-size 1 --plot resolution.png
+    python benchmarks/bench_models.py --task train --amp bf16 --batch-size 128 --models fat_b0 fastvit_t8 \\
+        --modes channels_last --dwconv-impl torch cuda --share-process         # GPU
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -32,8 +42,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator, List
 
 import torch
+import torch._dynamo
 import torch._inductor.config
 import torch.nn.functional as F
 
@@ -45,7 +57,9 @@ FAT_MODELS = ['fat_b0', 'fat_b1', 'fat_b2', 'fat_b3']
 PEERS = ['edgenext_x_small', 'fastvit_t8', 'repvit_m0_9', 'efficientformerv2_s1', 'mobilevitv2_075',
          'edgenext_small', 'fastvit_t12', 'repvit_m1_1', 'mobilevitv2_100']
 MODES = ['eager', 'channels_last', 'fused', 'compiled']
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 LITERAL_SUFFIX = '_literal'
+RESULT_PREFIX = 'RESULT '  # marks a worker's result lines among whatever else it prints
 
 
 def peak_rss_mb() -> float:
@@ -61,18 +75,22 @@ def cpu_name() -> str:
         return platform.processor() or 'cpu'
 
 
-def build(name: str, mode: str, task: str, device: torch.device) -> torch.nn.Module:
+def build(name: str, mode: str, task: str, device: torch.device, dwconv_impl: str = 'auto') -> torch.nn.Module:
     import timm
     from timm.utils.model import reparameterize_model
 
-    import models  # noqa: F401  (registers fat_*)
+    import models  # registers fat_* with timm
 
     literal = name.endswith(LITERAL_SUFFIX)
     if literal and mode != 'eager':
         raise ValueError('the literal baseline runs in eager NCHW mode only')
     if mode == 'fused' and task == 'train':
         raise ValueError('fused (BatchNorm folding) is an inference mode')
-    model = timm.create_model(name.removesuffix(LITERAL_SUFFIX)).train(task == 'train').to(device)
+    base = name.removesuffix(LITERAL_SUFFIX)
+    if dwconv_impl != 'auto' and base not in models.MODEL_ARGS:
+        raise ValueError(f'{name} has no depthwise-conv implementation to choose (only FAT models do)')
+    kwargs = dict(dwconv_impl=dwconv_impl) if base in models.MODEL_ARGS else {}
+    model = timm.create_model(base, **kwargs).train(task == 'train').to(device)
     if literal:
         from benchmarks.literal_fat import make_literal
         make_literal(model)
@@ -87,37 +105,41 @@ def build(name: str, mode: str, task: str, device: torch.device) -> torch.nn.Mod
     return model
 
 
-def make_step(model: torch.nn.Module, task: str, x: torch.Tensor):
-    """One unit of timed work: an inference forward, or a full training step."""
+def make_step(model: torch.nn.Module, task: str, x: torch.Tensor, amp: str = 'none'):
+    """One unit of timed work: an inference forward, or a full training step, under autocast to ``amp``."""
+    autocast = lambda: torch.autocast(x.device.type, AMP_DTYPES[amp], enabled=amp != 'none')  # noqa: E731
     if task == 'infer':
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 model(x)
         return step
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.is_cuda)
+    scaler = torch.amp.GradScaler(x.device.type, enabled=amp == 'fp16')
     target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
 
     def step():
-        loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        optimizer.step()
+        with autocast():
+            loss = F.cross_entropy(model(x), target)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
     return step
 
 
 def measure(name: str, mode: str, task: str, batch_size: int, img_size: int, device: str, min_seconds: float,
-            malloc: str) -> dict:
+            malloc: str, amp: str = 'none', dwconv_impl: str = 'auto') -> dict:
     """Run in a worker process: build, warm up, time; return img/s and memory."""
     dev = torch.device(device)
     if dev.type == 'cpu' and malloc == 'heap':
         from utils import keep_freed_memory
         keep_freed_memory()
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    model = build(name, mode, task, dev)
+    model = build(name, mode, task, dev, dwconv_impl)
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     if mode != 'eager':
         x = x.to(memory_format=torch.channels_last)
-    step = make_step(model, task, x)
+    step = make_step(model, task, x, amp)
     rss_before = peak_rss_mb()
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
@@ -133,7 +155,7 @@ def measure(name: str, mode: str, task: str, batch_size: int, img_size: int, dev
         iters += 1
     sync()
     elapsed = time.perf_counter() - t0
-    result = dict(model=name, mode=mode, task=task, batch=batch_size, img=img_size,
+    result = dict(model=name, mode=mode, task=task, batch=batch_size, img=img_size, amp=amp, dwconv_impl=dwconv_impl,
                   img_s=batch_size * iters / elapsed, latency_s=elapsed / iters, first_call_s=first_call,
                   peak_rss_mb=peak_rss_mb(), extra_rss_mb=peak_rss_mb() - rss_before)
     if dev.type == 'cuda':
@@ -141,15 +163,77 @@ def measure(name: str, mode: str, task: str, batch_size: int, img_size: int, dev
     return result
 
 
-def run_worker(args: argparse.Namespace, name: str, mode: str, batch_size: int, img_size: int) -> dict:
-    cmd = [sys.executable, __file__, '--worker', name, mode, '--task', args.task, '--batch-size', str(batch_size),
-           '--img-size', str(img_size), '--device', args.device, '--min-seconds', str(args.min_seconds),
-           '--threads', str(args.threads), '--malloc', args.malloc]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        return dict(model=name, mode=mode, batch=batch_size, img=img_size, error=lines[-1] if lines else 'failed')
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def measurement_specs(names: List[str], modes: List[str], batch_sizes: List[int], img_sizes: List[int],
+                      dwconv_impls: List[str]) -> List[dict]:
+    """Every (model, batch, size, mode, depthwise-conv implementation) to measure, in table order: the
+    literal baseline in eager mode only, implementations other than 'auto' for FAT models only."""
+    from models import MODEL_ARGS
+
+    specs = []
+    for name in names:
+        for batch_size in batch_sizes:
+            for img_size in img_sizes:
+                for mode in (['eager'] if name.endswith(LITERAL_SUFFIX) else modes):
+                    for impl in dwconv_impls if name in MODEL_ARGS else ['auto']:
+                        specs.append(dict(model=name, mode=mode, batch=batch_size, img=img_size, dwconv_impl=impl))
+    return specs
+
+
+def _worker_loop(specs: List[dict], task: str, device: str, min_seconds: float, malloc: str, amp: str) -> None:
+    """A worker process: measure each spec in turn, printing one result line each as it is done. The
+    first failure is printed as that spec's result and ends the process (a CUDA error can leave the
+    device unusable), so the parent starts a fresh worker for the rest."""
+    for spec in specs:
+        try:
+            result = measure(spec['model'], spec['mode'], task, spec['batch'], spec['img'], device, min_seconds,
+                             malloc, amp, spec['dwconv_impl'])
+        except Exception as error:
+            print(RESULT_PREFIX + json.dumps(dict(spec, error=f'{type(error).__name__}: {error}'.splitlines()[0])),
+                  flush=True)
+            sys.exit(1)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        gc.collect()
+        torch._dynamo.reset()  # compiled code keeps its model alive otherwise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_measurements(specs: List[dict], task: str, device: str, min_seconds: float, threads: int, malloc: str,
+                     amp: str = 'none', share_process: bool = False) -> Iterator[dict]:
+    """Measure ``specs`` (from ``measurement_specs``) in worker processes, one per spec, or with
+    ``share_process`` one for all (a fresh one after a failure); yield each result as it comes. A worker
+    that dies without reporting gives its current spec an ``error`` naming its exit code and last line."""
+    pending = list(specs)
+    while pending:
+        batch = pending if share_process else pending[:1]
+        cmd = [sys.executable, __file__, '--worker', json.dumps(batch), '--task', task, '--device', device,
+               '--min-seconds', str(min_seconds), '--threads', str(threads), '--malloc', malloc, '--amp', amp]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        done, reported_failure, last_line = 0, False, 'failed'
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(line[len(RESULT_PREFIX):])
+                done, reported_failure = done + 1, 'error' in result
+                yield result
+            elif line.strip():
+                last_line = line.strip()
+        proc.wait()
+        if done < len(batch) and not reported_failure:  # it died in the middle of a measurement
+            yield dict(batch[done], error=f'worker exited with {proc.returncode}: {last_line}')
+            done += 1
+        pending = pending[done:]
+
+
+def format_result(r: dict) -> str:
+    """One measurement as a progress line."""
+    label = r['model'] + (f" [dwconv {r['dwconv_impl']}]" if r['dwconv_impl'] != 'auto' else '')
+    head = f"  {label:<30} {r['mode']:<14} b{r['batch']:<4} {r['img']:<5} "
+    if 'error' in r:
+        return head + f"error: {r['error']}"
+    memory = (f"peak CUDA {r['peak_cuda_mb']:.0f} MB" if 'peak_cuda_mb' in r
+              else f"peak RSS {r['peak_rss_mb']:.0f} MB (+{r['extra_rss_mb']:.0f})")
+    return head + (f"{r['img_s']:8.1f} img/s {r['latency_s'] * 1000:9.1f} ms/step  first {r['first_call_s']:5.1f} s  "
+                   + memory)
 
 
 def median_runs(runs: list) -> list:
@@ -157,7 +241,7 @@ def median_runs(runs: list) -> list:
     runs the whole list again, interleaved, so a slow spell of a shared machine hits every model)."""
     groups: dict = {}
     for r in runs:
-        groups.setdefault((r['model'], r['mode'], r['batch'], r['img']), []).append(r)
+        groups.setdefault((r['model'], r['mode'], r['batch'], r['img'], r['dwconv_impl']), []).append(r)
     results = []
     for group in groups.values():
         ok = sorted((r for r in group if 'error' not in r), key=lambda r: r['img_s'])
@@ -165,22 +249,25 @@ def median_runs(runs: list) -> list:
     return results
 
 
-def print_table(results: list, modes: list) -> None:
-    """Markdown table: img/s per mode, then the best mode with its peak memory."""
-    mem_key = 'peak_cuda_mb' if any('peak_cuda_mb' in r for r in results) else 'peak_rss_mb'
-    columns = ['model', 'batch', 'size'] + modes + ['best img/s', 'best mode', f'{mem_key} (best)', 'extra RSS MB']
-    print('| ' + ' | '.join(columns) + ' |')
-    print('|' + '|'.join('---' for _ in columns) + '|')
+def table_lines(results: list, modes: list) -> List[str]:
+    """Markdown table: img/s per mode, then the best mode with its peak memory (CUDA memory on a GPU,
+    else resident memory and its growth over the built model); one row per model (and depthwise-conv
+    implementation where it is not 'auto'), batch and size."""
+    mem_keys = ['peak_cuda_mb'] if any('peak_cuda_mb' in r for r in results) else ['peak_rss_mb', 'extra_rss_mb']
+    columns = ['model', 'batch', 'size'] + modes + ['best img/s', 'best mode'] + [f'{k} (best)' for k in mem_keys]
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '|'.join('---' for _ in columns) + '|']
     rows: dict = {}
     for r in results:
-        rows.setdefault((r['model'], r['batch'], r['img']), {})[r['mode']] = r
+        label = r['model'] + (f" (dwconv {r['dwconv_impl']})" if r['dwconv_impl'] != 'auto' else '')
+        rows.setdefault((label, r['batch'], r['img']), {})[r['mode']] = r
     for (name, batch, img), per_mode in rows.items():
         ok = {m: r for m, r in per_mode.items() if 'error' not in r}
         cells = [f"{ok[m]['img_s']:.1f}" if m in ok else ('n/a' if m in per_mode else '') for m in modes]
         best = max(ok.values(), key=lambda r: r['img_s'], default=None)
-        cells += ([f"{best['img_s']:.1f}", best['mode'], f"{best[mem_key]:.0f}", f"{best['extra_rss_mb']:.0f}"]
-                  if best else ['-'] * 4)
-        print('| ' + ' | '.join([name, str(batch), str(img)] + cells) + ' |')
+        cells += ([f"{best['img_s']:.1f}", best['mode']] + [f"{best[k]:.0f}" for k in mem_keys]
+                  if best else ['-'] * (2 + len(mem_keys)))
+        lines.append('| ' + ' | '.join([name, str(batch), str(img)] + cells) + ' |')
+    return lines
 
 
 def plot(results: list, path: Path, title: str) -> None:
@@ -215,6 +302,11 @@ def main() -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, default=os.cpu_count())
     parser.add_argument('--min-seconds', type=float, default=5.0, help='timed duration per measurement')
+    parser.add_argument('--amp', choices=list(AMP_DTYPES), default='none', help='autocast dtype on the device')
+    parser.add_argument('--dwconv-impl', nargs='+', choices=['auto', 'torch', 'cuda'], default=['auto'],
+                        help="FAT models: measure each with these MODEL.DWCONV_IMPL values")
+    parser.add_argument('--share-process', action='store_true',
+                        help='run every measurement in one worker process (peak RSS is then the process\'s)')
     parser.add_argument('--malloc', choices=['heap', 'system'], default='heap',
                         help="CPU: 'heap' keeps large freed blocks for reuse as main.py does (utils.keep_freed_memory) "
                              "for every model alike; 'system' leaves glibc's default")
@@ -222,37 +314,33 @@ def main() -> None:
                         help='run every measurement this many times, interleaved; the table gives the median')
     parser.add_argument('--json', type=Path, help='also write the raw results here')
     parser.add_argument('--plot', type=Path, help='also draw throughput against the swept size to this PNG')
-    parser.add_argument('--worker', nargs=2, metavar=('MODEL', 'MODE'), help=argparse.SUPPRESS)
+    parser.add_argument('--worker', metavar='SPECS_JSON', help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     if args.worker:
-        print(json.dumps(measure(*args.worker, args.task, args.batch_size[0], args.img_size[0], args.device,
-                                 args.min_seconds, args.malloc)))
+        if args.device == 'cuda':
+            torch.backends.cudnn.benchmark = True
+        _worker_loop(json.loads(args.worker), args.task, args.device, args.min_seconds, args.malloc, args.amp)
         return
 
     device_name = torch.cuda.get_device_name() if args.device == 'cuda' else cpu_name()
     task = 'inference' if args.task == 'infer' else 'training step (fwd+bwd+AdamW)'
     malloc = '' if args.device == 'cuda' else f'malloc {args.malloc}, '
+    precision = 'fp32' if args.amp == 'none' else f'AMP {args.amp}'
     title = (f'{time.strftime("%Y-%m-%d")}, {device_name}, {args.threads} threads, torch {torch.__version__}, '
-             f'fp32, {malloc}{task} img/s')
+             f'{precision}, {malloc}{task} img/s')
     print('# ' + title)
     modes = [m for m in args.modes if not (m == 'fused' and args.task == 'train')]
+    specs = measurement_specs(args.models, modes, args.batch_size, args.img_size, args.dwconv_impl) * args.repeat
     runs = []
-    for _ in range(args.repeat):
-        for name in args.models:
-            for batch_size in args.batch_size:
-                for img_size in args.img_size:
-                    for mode in (['eager'] if name.endswith(LITERAL_SUFFIX) else modes):
-                        r = run_worker(args, name, mode, batch_size, img_size)
-                        runs.append(r)
-                        print(f"  {name:<22} {mode:<14} b{batch_size:<4} {img_size:<5} " + (
-                            f"{r['img_s']:8.1f} img/s {r['latency_s'] * 1000:9.1f} ms/step  first {r['first_call_s']:5.1f} s  "
-                            f"peak RSS {r['peak_rss_mb']:.0f} MB (+{r['extra_rss_mb']:.0f})" if 'error' not in r
-                            else f"error: {r['error']}"), flush=True)
+    for r in run_measurements(specs, args.task, args.device, args.min_seconds, args.threads, args.malloc, args.amp,
+                              args.share_process):
+        runs.append(r)
+        print(format_result(r), flush=True)
     results = median_runs(runs)
     print()
-    print_table(results, modes)
+    print('\n'.join(table_lines(results, modes)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.plot:

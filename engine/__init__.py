@@ -18,6 +18,7 @@ import os
 from typing import Callable, Dict, Optional
 
 import torch
+import torch.nn as nn
 
 from config import output_dir, parse_command_line
 from logger import create_logger
@@ -29,8 +30,8 @@ from .checkpoints import config_changes, load_weights
 from .task import Session, Task, TaskData
 from .trainer import BatchNormGuard, Trainer, evaluate, sync_batchnorm
 
-__all__ = ['BatchNormGuard', 'Session', 'Task', 'TaskData', 'Trainer', 'config_changes', 'evaluate', 'load_weights',
-           'main', 'start', 'sync_batchnorm', 'train_or_evaluate']
+__all__ = ['BatchNormGuard', 'Session', 'Task', 'TaskData', 'Trainer', 'build_model', 'config_changes', 'evaluate',
+           'load_weights', 'main', 'start', 'sync_batchnorm', 'to_device', 'train_or_evaluate']
 
 
 def start(config) -> Session:
@@ -65,22 +66,33 @@ def start(config) -> Session:
     return Session(config, rank, world_size, device, out_dir, logger)
 
 
-def train_or_evaluate(task: Task) -> Dict[str, float]:
-    """With EVAL_MODE evaluate MODEL.RESUME; otherwise train, resuming where the run folder (or
-    MODEL.RESUME) left off. Returns the last metrics."""
-    session, config = task.session, task.config
-    data = task.build_data()
-    session.logger.info(data.description)
+def build_model(task: Task) -> nn.Module:
+    """``task.build_model()`` (on the CPU), its size logged; a bad architecture argument is a config error."""
     try:
         model = task.build_model()
     except ValueError as error:
         raise ConfigError(str(error)) from error
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    session.logger.info(f'{config.MODEL.NAME}: {n_params:,} parameters ({n_trainable:,} trainable)')
+    task.logger.info(f'{task.config.MODEL.NAME}: {n_params:,} parameters ({n_trainable:,} trainable)')
+    return model
+
+
+def to_device(model: nn.Module, session: Session) -> nn.Module:
+    """``model`` on the run's device, in the channels_last memory format with CHANNELS_LAST."""
     model.to(session.device)
-    if config.get('CHANNELS_LAST'):
+    if session.config.get('CHANNELS_LAST'):
         model.to(memory_format=torch.channels_last)
+    return model
+
+
+def train_or_evaluate(task: Task) -> Dict[str, float]:
+    """With EVAL_MODE evaluate MODEL.RESUME; otherwise train, resuming where the run folder (or
+    MODEL.RESUME) left off. Returns the last metrics."""
+    session, config = task.session, task.config
+    data = task.build_data()
+    session.logger.info(data.description)
+    model = to_device(build_model(task), session)
     if not config.EVAL_MODE:
         return Trainer(task, data, model).fit()
     if not config.MODEL.RESUME:

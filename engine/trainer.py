@@ -10,7 +10,7 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -103,6 +103,10 @@ class Trainer:
             train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == 'cuda' else None)
         self.train_model = torch.compile(train_model) if config.get('COMPILE') else train_model
         self.bn_guard = BatchNormGuard(model) if config.TRAIN.MAX_NONFINITE_STEPS > 0 else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else float('inf')
+        # Whether every loss since the last optimizer step was finite; on the device, so that checking needs no sync.
+        self.loss_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.progress = Progress()
         # On the device, so that counting them needs no sync; the same on every process.
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=self.device)
@@ -152,37 +156,23 @@ class Trainer:
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         self.data.train.sampler.set_epoch(progress.epoch, skip=progress.step * config.DATA.BATCH_SIZE)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else float('inf')
         batch_time, data_time = AverageMeter(), AverageMeter()
         # Running sums stay on the device; they are read (one sync) only at the print interval.
         sums: Dict[str, torch.Tensor] = {}
         norm_sum = torch.zeros((), device=self.device)
-        loss_finite = torch.ones((), dtype=torch.bool, device=self.device)
         count = norm_count = 0
         start = end = time.time()
         for idx, batch in enumerate(self.data.train, start=progress.step):
             if idx >= self.steps_per_epoch:
                 break
             data_time.update(time.time() - end)
-            update = (idx + 1) % self.accumulation == 0
-            if self.bn_guard is not None and idx % self.accumulation == 0:
-                self.bn_guard.snapshot()
-            sync_grads = update or not hasattr(model, 'no_sync')
-            with (nullcontext() if sync_grads else model.no_sync()), autocast(config, self.device):
-                loss, parts = self.task.loss(model, batch)
-            self.scaler.scale(loss / self.accumulation).backward()
-            loss = loss.detach()
-            loss_finite &= torch.isfinite(loss)
+            loss, parts, grad_norm = self.train_step(idx, batch)
             for name, value in {'loss': loss, **parts}.items():
                 sums[name] = sums.get(name, 0) + value.detach().float()
             count += 1
-            if update:
-                grad_norm = self._optimizer_step(params, max_norm, loss_finite)
-                loss_finite.fill_(True)
+            if grad_norm is not None:
                 norm_sum += torch.where(torch.isfinite(grad_norm), grad_norm, 0)
                 norm_count += 1
-                progress.step = idx + 1
             batch_time.update(time.time() - end)
             end = time.time()
             if idx % config.PRINT_FREQ == 0 or idx == self.steps_per_epoch - 1:
@@ -190,7 +180,7 @@ class Trainer:
                 self._log_step(idx, sums, count, norm_sum, norm_count, batch_time, data_time)
                 sums, count, norm_count = {}, 0, 0
                 norm_sum.zero_()
-            if update and idx + 1 < self.steps_per_epoch and self.stop.requested():
+            if grad_norm is not None and idx + 1 < self.steps_per_epoch and self.stop.requested():
                 return False
         self._check_nonfinite()
         progress.step = self.steps_per_epoch
@@ -204,13 +194,32 @@ class Trainer:
         """Optimizer steps done so far in the run."""
         return self.progress.epoch * self.updates_per_epoch + self.progress.step // self.accumulation
 
-    def _optimizer_step(self, params: List[torch.Tensor], max_norm: float, loss_finite: torch.Tensor) -> torch.Tensor:
+    def train_step(self, idx: int, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """Micro-batch ``idx`` of the epoch: the task's loss under autocast and the backward of its share
+        (1 / TRAIN.ACCUMULATION_STEPS), then, when it completes an optimizer step, that step. Returns the
+        detached loss, its parts and the optimizer step's grad norm (None between optimizer steps)."""
+        model, update = self.train_model, (idx + 1) % self.accumulation == 0
+        if self.bn_guard is not None and idx % self.accumulation == 0:
+            self.bn_guard.snapshot()
+        sync_grads = update or not hasattr(model, 'no_sync')
+        with (nullcontext() if sync_grads else model.no_sync()), autocast(self.config, self.device):
+            loss, parts = self.task.loss(model, batch)
+        self.scaler.scale(loss / self.accumulation).backward()
+        loss = loss.detach()
+        self.loss_finite &= torch.isfinite(loss)
+        if not update:
+            return loss, parts, None
+        grad_norm = self._optimizer_step()
+        self.progress.step = idx + 1
+        return loss, parts, grad_norm
+
+    def _optimizer_step(self) -> torch.Tensor:
         """Clip, step (skipped on the device when non-finite), schedule and average; returns the grad norm."""
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm).detach()
         # With loss scaling an overflowing gradient is routine (the scaler backs off); only a non-finite
         # loss is then a fault. Every process agrees, so all count, restore and stop alike.
-        bad = ~loss_finite if self.loss_scaling else ~(loss_finite & torch.isfinite(grad_norm))
+        bad = ~self.loss_finite if self.loss_scaling else ~(self.loss_finite & torch.isfinite(grad_norm))
         bad = all_reduce(bad.to(torch.int32), 'max').bool()
         step = self._global_step()
         self.nonfinite_steps += bad
@@ -223,6 +232,7 @@ class Trainer:
         self.scheduler.step_update(step + 1)
         if self.ema is not None:
             self.ema.update(self.model, step=step)
+        self.loss_finite.fill_(True)
         return grad_norm
 
     def _check_nonfinite(self) -> None:

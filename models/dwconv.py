@@ -8,13 +8,14 @@ gradients are needed, our weight gradient (PyTorch's oneDNN one is the slowest o
 step). Chosen by ``impl``:
 
 - ``'auto'``: ours where it is built, passed its first-use self-check on that device and is the
-  faster choice for the shape; PyTorch otherwise (and always inside ``torch.compile``).
+  faster choice for the shape; PyTorch otherwise. Ours is the ``torch.ops.fat.depthwise_conv2d``
+  operator, so it stays in ``torch.compile`` graphs.
 - ``'torch'``: always ``F.conv2d``.
 - ``'cuda'``: always our kernel on CUDA tensors, an error if it cannot be used; PyTorch on CPU.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,29 @@ def _kernels():
     return dwconv
 
 
+@torch.compiler.assume_constant_result
+def _extension_ready(device_type: str, index: Optional[int], kernel_size: int, stride: int, dtype: torch.dtype) -> bool:
+    """Our kernel implements this case and passed its self-check for it on this device. Constant for
+    ``torch.compile`` (the check runs once, eagerly, while the graph is traced)."""
+    kernels = _kernels()
+    return (kernels is not None and kernels.supports(kernel_size, stride)
+            and kernels.is_usable(torch.device(device_type, index), kernel_size, stride, dtype))
+
+
+@torch.compiler.assume_constant_result
+def _extension_chosen(device_type: str, index: Optional[int], kernel_size: int, stride: int, dtype: torch.dtype,
+                      channels_last: bool) -> bool:
+    """'auto' runs ours for this case: ready (above) and measured faster (``kernels.dwconv.preferred``)."""
+    kernels = _kernels()
+    return (kernels is not None and kernels.supports(kernel_size, stride)
+            and kernels.preferred(kernel_size, stride, dtype, device_type, channels_last)
+            and kernels.is_usable(torch.device(device_type, index), kernel_size, stride, dtype))
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise ``k x k`` convolution with stride ``s``, padding ``k // 2`` and bias."""
 
@@ -43,27 +67,23 @@ class DepthwiseConv2d(nn.Conv2d):
         self.impl = check_impl(impl)
 
     def _use_extension(self, x: torch.Tensor) -> bool:
-        if self.impl == 'torch' or torch.compiler.is_compiling():
+        if self.impl == 'torch':
             return False
-        kernels = _kernels()
         k, s = self.kernel_size[0], self.stride[0]
-        if not x.is_cuda:
-            return (self.impl == 'auto' and x.device.type == 'cpu' and torch.is_grad_enabled()
-                    and (x.requires_grad or self.weight.requires_grad) and not torch.is_autocast_enabled('cpu')
-                    and kernels is not None and kernels.supports(k, s) and kernels.preferred(k, s, x.dtype, 'cpu')
-                    and kernels.is_usable(x.device))
-        if self.impl == 'cuda':
-            if kernels is not None and not kernels.supports(k, s):
-                raise RuntimeError(f'MODEL.DWCONV_IMPL "cuda" has no kernel for size {k} stride {s} '
-                                   '(it supports odd sizes 3..31, stride 1 or 2); use "auto"')
-            if kernels is None or not kernels.is_usable(x.device):
+        if x.is_cuda:
+            dtype = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
+            if self.impl == 'auto':
+                return _extension_chosen('cuda', x.device.index, k, s, dtype, _is_channels_last(x))
+            if not _extension_ready('cuda', x.device.index, k, s, dtype):
                 raise RuntimeError(
-                    'MODEL.DWCONV_IMPL is "cuda" but the depthwise-conv extension in kernels/dwconv '
-                    'could not be built or failed its self-check on this device; see the warning above, '
-                    'or use "auto" to fall back to PyTorch')
+                    f'MODEL.DWCONV_IMPL is "cuda" but the depthwise-conv extension in kernels/dwconv has no kernel '
+                    f'for size {k} stride {s} (odd sizes 3..31, stride 1 or 2), could not be built or failed its '
+                    'self-check on this device; see the warning above, or use "auto" to fall back to PyTorch')
             return True
-        return (kernels is not None and kernels.supports(k, s) and kernels.preferred(k, s, x.dtype)
-                and kernels.is_usable(x.device))
+        # CPU: our kernel differs only in the weight gradient, so it pays only when one is computed.
+        return (self.impl == 'auto' and x.device.type == 'cpu' and torch.is_grad_enabled()
+                and (x.requires_grad or self.weight.requires_grad) and not torch.is_autocast_enabled('cpu')
+                and _extension_chosen('cpu', None, k, s, x.dtype, _is_channels_last(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_extension(x):
@@ -72,8 +92,8 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward_after_gelu(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
         """``self(a) + a`` (``residual``, stride 1) or ``self(a)``, with ``a = GELU(x)``. Where our CPU
-        kernel runs, one op that stores only ``x`` for backward, not ``a`` as well."""
-        if not x.is_cuda and self._use_extension(x):
+        kernel runs eagerly, one op that stores only ``x`` for backward, not ``a`` as well."""
+        if not x.is_cuda and not torch.compiler.is_compiling() and self._use_extension(x):
             return _kernels().gelu_depthwise_conv2d(x, self.weight, self.bias, self.stride[0], residual)
         a = F.gelu(x)
         return a + self(a) if residual else self(a)

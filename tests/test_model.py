@@ -356,12 +356,13 @@ def test_dwconv_dispatches_cuda_tensors_to_the_extension(monkeypatch):
 
     calls = []
     fake = types.SimpleNamespace(
-        is_usable=lambda device: True, supports=lambda k, s: True,
-        preferred=lambda k, s, dtype: k >= 7,
+        is_usable=lambda device, k, s, dtype: True, supports=lambda k, s: True,
+        preferred=lambda k, s, dtype, device_type, channels_last: k >= 7,
         depthwise_conv2d=lambda x, w, b, s: calls.append((w.shape, s)) or F.conv2d(x, w, b, s, w.shape[-1] // 2, 1, w.shape[0]),
     )
     monkeypatch.setattr(dwconv, '_kernels', lambda: fake)
-    cuda_input = types.SimpleNamespace(is_cuda=True, device=torch.device('cuda', 0), dtype=torch.float16)
+    cuda_input = types.SimpleNamespace(is_cuda=True, device=torch.device('cuda', 0), dtype=torch.float16,
+                                       is_contiguous=lambda memory_format=None: True)
     assert dwconv.create_dwconv(8, 7)._use_extension(cuda_input)
     assert not dwconv.create_dwconv(8, 3)._use_extension(cuda_input), 'auto keeps cuDNN where ours is not preferred'
     assert dwconv.create_dwconv(8, 3, impl='cuda')._use_extension(cuda_input)
@@ -398,8 +399,10 @@ def test_cpu_training_uses_our_depthwise_gradients_and_matches_pytorch():
     x = torch.randn(3, 3, 72, 56).to(memory_format=torch.channels_last)
     out_ours, out_plain = ours(x), plain(x)
     torch.testing.assert_close(out_ours, out_plain, rtol=1e-5, atol=1e-5)
-    assert 'DepthwiseConv2dCPUFunctionBackward' in grad_fn_names(out_ours)
-    assert 'DepthwiseConv2dCPUFunctionBackward' not in grad_fn_names(out_plain)
+    ours_fns, plain_fns = grad_fn_names(out_ours), grad_fn_names(out_plain)
+    assert 'DepthwiseConv2dCPUFunctionBackward' in ours_fns  # the FFN's fused GELU + conv
+    assert any('fat_depthwise_conv2d' in name for name in ours_fns)  # the other convs: our operator
+    assert not any('DepthwiseConv2dCPU' in name or 'fat_depthwise' in name for name in plain_fns)
     out_ours.square().sum().backward()
     out_plain.square().sum().backward()
     scale = max(p.grad.abs().max() for p in plain.parameters())
@@ -431,10 +434,12 @@ def test_dwconv_cuda_impl_fails_loudly_when_extension_unusable(monkeypatch):
     import types
     from models import dwconv
 
-    unusable = types.SimpleNamespace(is_usable=lambda device: False, preferred=lambda k, s, dtype: True,
+    unusable = types.SimpleNamespace(is_usable=lambda device, k, s, dtype: False,
+                                     preferred=lambda k, s, dtype, device_type, channels_last: True,
                                      supports=lambda k, s: True)
     monkeypatch.setattr(dwconv, '_kernels', lambda: unusable)
-    cuda_input = types.SimpleNamespace(is_cuda=True, device=torch.device('cuda', 0), dtype=torch.float32)
+    cuda_input = types.SimpleNamespace(is_cuda=True, device=torch.device('cuda', 0), dtype=torch.float32,
+                                       is_contiguous=lambda memory_format=None: True)
     with pytest.raises(RuntimeError, match='DWCONV_IMPL'):
         dwconv.create_dwconv(8, 7, impl='cuda')._use_extension(cuda_input)
     assert not dwconv.create_dwconv(8, 7, impl='auto')._use_extension(cuda_input), 'auto falls back silently'

@@ -141,10 +141,37 @@ def test_eval_accepts_authors_and_bare_checkpoints(tmp_path, wrap):
     assert losses[0] == losses[1], 'the authors\' layout loads as the same weights'
 
 
-@pytest.mark.parametrize('flags', [[], ['--reparam', '--compile', '--channels-last']])
-def test_throughput_prints_images_per_second(tmp_path, flags):
-    proc = run_main('--throughput', *flags, '--output', tmp_path, '--batch-size', 2, '--opts', *TINY_OPTS)
-    images, seconds, rate = re.search(r'(\d+) images in ([\d.]+) s, throughput ([\d.]+) img/s', proc.stdout).groups()
+def seconds_of(timedelta: str) -> int:
+    """The seconds of a ``str(datetime.timedelta)`` such as '3:57:36' or '2 days, 19:10:00'."""
+    days, hours, minutes, seconds = re.fullmatch(r'(?:(\d+) days?, )?(\d+):(\d\d):(\d\d)', timedelta).groups()
+    return ((int(days or 0) * 24 + int(hours)) * 60 + int(minutes)) * 60 + int(seconds)
+
+
+# Compiling the training step (forward and backward) takes minutes with a cold inductor cache.
+@pytest.mark.parametrize('flags', [['--accumulation-steps', '2'],
+                                   pytest.param(['--reparam', '--compile', '--channels-last'], marks=pytest.mark.slow)])
+def test_throughput_prints_training_and_inference_rates(tmp_path, flags):
+    proc = run_main('--throughput', *flags, '--output', tmp_path, '--batch-size', 2, '--opts', *TINY_OPTS,
+                    'TRAIN.EPOCHS', '3')
+    accumulation = 2 if '--accumulation-steps' in flags else 1
+    training = re.search(r'training: batch_size 2 x (\d+) micro-batch\(es\) per optimizer step, image size 32, '
+                         r'fp32(, compiled, channels_last)?: (\d+) optimizer steps, (\d+) images in ([\d.]+) s, '
+                         r'([\d.]+) img/s \(one process\); peak resident memory \+\d+ MB', proc.stdout)
+    assert training, proc.stdout
+    accumulated, settings, steps, images, seconds, rate = training.groups()
+    assert int(accumulated) == accumulation and bool(settings) == ('--compile' in flags)
+    # The images are the micro-batches the trainer completed optimizer steps over: every micro-batch of
+    # every timed optimizer step, and the optimizer stepped at least 3 times.
+    assert int(steps) >= 3 and int(images) == int(steps) * accumulation * 2
+    assert float(rate) == pytest.approx(int(images) / float(seconds), rel=0.01)
+    estimate = re.search(r'at ([\d.]+) img/s an ImageNet-1k epoch \(1,281,167 images\) trains in (.+) and '
+                         r'TRAIN.EPOCHS 3 in (.+) \(data loading', proc.stdout)
+    assert estimate and float(estimate.group(1)) == float(rate)
+    epoch, run = seconds_of(estimate.group(2)), seconds_of(estimate.group(3))
+    assert epoch == pytest.approx(1_281_167 / float(rate), rel=0.01) and abs(run - 3 * epoch) <= 2
+
+    images, seconds, rate = re.search(r'inference: batch_size 2 image size 32: (\d+) images in ([\d.]+) s, '
+                                      r'throughput ([\d.]+) img/s', proc.stdout).groups()
     assert int(images) % 2 == 0 and int(images) >= 20, 'at least 10 timed batches of 2'
     assert float(rate) == pytest.approx(int(images) / float(seconds), rel=0.01)
     assert ('deploy form' in proc.stdout) == ('--reparam' in flags)

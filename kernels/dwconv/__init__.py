@@ -4,65 +4,63 @@ a self-check and a PyTorch fallback.
 Public API (used by ``models/dwconv.py``; this package imports nothing else from the project):
 
 - ``depthwise_conv2d(x, weight, bias, stride)``: same result as
-  ``F.conv2d(x, weight, bias, stride, k // 2, 1, groups=C)``, differentiable in x, weight and bias.
-  CUDA tensors run our kernels; fp32 CPU tensors run PyTorch's forward and input gradient with our
-  weight and bias gradients (``cpu.py``).
+  ``F.conv2d(x, weight, bias, stride, k // 2, 1, groups=C)``, differentiable in x, weight and bias,
+  through the ``torch.ops.fat.depthwise_conv2d`` operator (``ops.py``): CUDA tensors run our kernels;
+  fp32 CPU tensors run PyTorch's forward and input gradient with our weight and bias gradients.
 - ``gelu_depthwise_conv2d(x, weight, bias, stride, residual=False)``: ``conv(GELU(x))`` (+ ``GELU(x)``)
-  on CPU, storing only ``x`` for backward.
-- ``is_usable(device)``: our code for that device is built and passed its first-use self-check there.
+  on CPU, storing only ``x`` for backward (eager only).
+- ``is_usable(device, kernel_size=None, stride=None, dtype=None)``: our code for that device is built
+  and passed its first-use self-check there (for that case, when given).
 - ``supports(kernel_size, stride)`` / ``SUPPORTED_KERNEL_SIZES``: the shapes the kernels implement.
-- ``preferred(kernel_size, stride, dtype, device_type='cuda')``: whether ``MODEL.DWCONV_IMPL: auto``
-  picks ours.
-- ``load_extension(verbose=False)``: the compiled CUDA module (installed, or JIT-built with ninja), or None.
+- ``preferred(kernel_size, stride, dtype, device_type='cuda', channels_last=False)``: whether
+  ``MODEL.DWCONV_IMPL: auto`` picks ours.
+- ``load_extension(verbose=False)``: the compiled CUDA module (installed, or JIT-built), or None.
 - ``load_cpu_library()``: the compiled CPU weight-gradient function, or None.
-- ``self_check(device, op=depthwise_conv2d)``: what differs from ``F.conv2d``, or None.
-
-Layout policy: the kernels compute NCHW. A channels_last input is converted to NCHW and the output
-(and the input gradient) converted back to channels_last: one copy each way.
+- ``self_check(device, cases, op=depthwise_conv2d)``: what differs from fp64 ``F.conv2d``, or None.
 """
 from __future__ import annotations
 
-import glob
 import logging
-import os
-import shutil
-import sys
+import math
 import threading
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from . import cpu
+from . import cpu, ops
+from .build import build_directory, load_cpu_library, load_extension
 
-__all__ = ['DepthwiseConv2dFunction', 'PREFERRED_CASES', 'PREFERRED_CPU_CASES', 'SUPPORTED_KERNEL_SIZES',
+__all__ = ['PREFERRED_CASES', 'PREFERRED_CPU_CASES', 'SELF_CHECK_SHAPES', 'SUPPORTED_KERNEL_SIZES', 'build_directory',
            'depthwise_conv2d', 'gelu_depthwise_conv2d', 'is_usable', 'load_cpu_library', 'load_extension',
            'preferred', 'self_check', 'supports']
 
 logger = logging.getLogger(__name__)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, 'dwconv.cpp'), os.path.join(HERE, 'dwconv_kernels.cu')]
-EXTENSION_NAME = 'fat_dwconv_cuda'
 SUPPORTED_KERNEL_SIZES = range(3, 32, 2)
 SUPPORTED_STRIDES = (1, 2)
 
-# Where MODEL.DWCONV_IMPL 'auto' uses our kernel instead of cuDNN: (kernel sizes, strides, dtypes),
-# only where benchmarks/bench_dwconv.py measured forward + backward at least as fast as cuDNN. Empty:
-# no GPU has measured it yet (2026-11-24), so 'auto' keeps cuDNN and is never slower. The design
-# target to check first: kernels >= 7 in fp16/bf16, e.g. (range(7, 32, 2), (1, 2), (torch.float16,
-# torch.bfloat16)).
-PREFERRED_CASES: tuple = ()
+# Where MODEL.DWCONV_IMPL 'auto' uses our kernel instead of cuDNN: (kernel sizes, strides, dtypes,
+# layouts) whose every measured shape ran forward + backward at least 1.05x as fast as cuDNN on an H100
+# (benchmarks/bench_dwconv.py, 2026-11-25; tables in benchmarks/README.md). bf16: every depthwise
+# shape of FAT-B0..B3 at 224 and kernels 7..31, batch 128, outputs and gradients compared (1.24-4.1x).
+# fp16 and fp32: FAT-B0's shapes (fp16's 5x5 FFN convs were slower than cuDNN, 0.64-1.01x). Stride 2
+# is left to cuDNN: its 5x5 wins on large maps (up to 2.9x) but loses on 14-28 px ones (down to 0.34x).
+# channels_last is left to cuDNN: the layout copies cost more than the kernel gains (0.25-0.7x mostly).
+PREFERRED_CASES: tuple = (
+    (range(3, 32, 2), (1,), (torch.bfloat16,), ('nchw',)),
+    ((3, 7, 9), (1,), (torch.float16,), ('nchw',)),
+    ((3, 5, 7, 9), (1,), (torch.float32,), ('nchw',)),
+)
 
 # The same for CPU (training: only the weight gradient differs). Measured with bench_dwconv.py --device
 # cpu on 2026-11-25: forward + backward 1.4-4.6x oneDNN's for kernels >= 5 at FAT-B0's stage widths on a
 # 2-core AMD EPYC Zen 4, 1.0-2.7x on a 2-core Intel Xeon (a few small refined-downsampling steps slower on
 # each); slower for its 3x3 (32 channels at 56x56); fp32 only.
-PREFERRED_CPU_CASES: tuple = ((range(5, 32, 2), (1, 2), (torch.float32,)),)
+PREFERRED_CPU_CASES: tuple = ((range(5, 32, 2), (1, 2), (torch.float32,), ('nchw', 'channels_last')),)
 
 _lock = threading.Lock()
-_extension: Dict[str, object] = {}
-_usable: Dict[str, bool] = {}
+_usable: Dict[tuple, bool] = {}
 
 
 def supports(kernel_size: int, stride: int) -> bool:
@@ -70,166 +68,25 @@ def supports(kernel_size: int, stride: int) -> bool:
     return kernel_size in SUPPORTED_KERNEL_SIZES and stride in SUPPORTED_STRIDES
 
 
-def preferred(kernel_size: int, stride: int, dtype: torch.dtype, device_type: str = 'cuda') -> bool:
+def preferred(kernel_size: int, stride: int, dtype: torch.dtype, device_type: str = 'cuda',
+              channels_last: bool = False) -> bool:
     """Whether 'auto' picks ours over PyTorch for this case (listed in ``PREFERRED_CASES`` for CUDA,
     ``PREFERRED_CPU_CASES`` for CPU)."""
     cases = PREFERRED_CPU_CASES if device_type == 'cpu' else PREFERRED_CASES
-    return any(kernel_size in sizes and stride in strides and dtype in dtypes for sizes, strides, dtypes in cases)
-
-
-def _cuda_roots() -> List[str]:
-    """Candidate CUDA toolkit folders. torch may take CUDA_HOME from where ``nvcc`` is found (e.g.
-    /usr/local when nvcc is a wrapper in /usr/local/bin), which then lacks the toolkit's headers and
-    libraries, so the toolkit ``nvcc`` resolves to and /usr/local/cuda are tried too."""
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    nvcc = shutil.which('nvcc')
-    roots = [os.environ.get('CUDA_HOME'), os.environ.get('CUDA_PATH'), CUDA_HOME,
-             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, '/usr/local/cuda']
-    return list(dict.fromkeys(r for r in roots if r))
-
-
-def cuda_include_dirs() -> List[str]:
-    """Include folders for the build: the toolkit's own, then the headers of pip's nvidia packages
-    (torch's CUDA headers include cusparse.h and cublas_v2.h, which a system toolkit may lack). The
-    toolkit comes first: the pip folder's cuda_runtime_api.h is incomplete without it."""
-    toolkit = [os.path.join(r, 'include') for r in _cuda_roots()
-               if os.path.exists(os.path.join(r, 'include', 'cuda_runtime_api.h'))][:1]
-    if toolkit and os.path.exists(os.path.join(toolkit[0], 'cusparse.h')):
-        return toolkit
-    found = set()
-    for root in sys.path:
-        found.update(glob.glob(os.path.join(root, 'nvidia', 'cu[0-9]*', 'include')))
-    return toolkit + sorted(found)
-
-
-def cuda_library_dirs() -> List[str]:
-    """Folders holding libcudart.so (see ``_cuda_roots``)."""
-    return [os.path.join(r, 'lib64') for r in _cuda_roots() if os.path.exists(os.path.join(r, 'lib64', 'libcudart.so'))]
-
-
-def build_directory() -> str:
-    """Where the JIT build goes: ``$FAT_KERNELS_BUILD_DIR``, else ``~/.cache/fat_kernels/<torch>-<cuda>``."""
-    default = os.path.join(os.path.expanduser('~'), '.cache', 'fat_kernels',
-                           f'torch{torch.__version__}-cuda{torch.version.cuda}'.replace('+', '_'))
-    path = os.environ.get('FAT_KERNELS_BUILD_DIR', default)
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def _error_summary(error: BaseException) -> str:
-    """The lines of a build log that say what went wrong (the whole log is long)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    errors = [line for line in lines if 'error' in line.lower() and not line.startswith('[')]
-    return ' | '.join(errors[:3] or lines[:1] or [type(error).__name__])
-
-
-def _build(verbose: bool):
-    from torch.utils.cpp_extension import load
-
-    arch_list = os.environ.get('TORCH_CUDA_ARCH_LIST')
-    if not arch_list and not torch.cuda.is_available():
-        os.environ['TORCH_CUDA_ARCH_LIST'] = '8.0;9.0'  # no GPU to ask: Ampere and Hopper
-    try:
-        # No --use_fast_math: it would only add flush-to-zero; the kernels are plain multiply-adds.
-        return load(name=EXTENSION_NAME, sources=SOURCES, extra_cflags=['-O3'], extra_cuda_cflags=['-O3'],
-                    extra_include_paths=cuda_include_dirs(),
-                    extra_ldflags=[f'-L{d}' for d in cuda_library_dirs()],
-                    build_directory=build_directory(), verbose=verbose)
-    finally:
-        if arch_list is None:
-            os.environ.pop('TORCH_CUDA_ARCH_LIST', None)
-
-
-def _load_once(key: str, load: Callable[[], object], what: str):
-    """``load()``, once per process; on failure one warning saying why, and None from then on."""
-    with _lock:
-        if key not in _extension:
-            try:
-                _extension[key] = load()
-            except BaseException as error:  # noqa: B036 -- a build may also end in SystemExit
-                if isinstance(error, KeyboardInterrupt):
-                    raise
-                logger.warning(f'{what} could not be built ({_error_summary(error)}); '
-                               'PyTorch depthwise convolutions are used instead')
-                _extension[key] = None
-        return _extension[key]
-
-
-def _installed_or_built(verbose: bool):
-    try:
-        import fat_dwconv_cuda as module
-    except ImportError:
-        module = _build(verbose)
-    return module
-
-
-def load_extension(verbose: bool = False):
-    """The compiled extension: an installed build (``pip install ./kernels/dwconv``) first, else
-    JIT-built with ninja, once per process. On failure: one warning saying why, and None."""
-    return _load_once('module', lambda: _installed_or_built(verbose), 'the depthwise-conv CUDA extension')
-
-
-def load_cpu_library():
-    """The CPU weight-gradient function, built on first use into ``build_directory()``, once per
-    process. On failure: one warning saying why, and None."""
-    return _load_once('cpu', lambda: cpu.build_library(build_directory()), 'the depthwise-conv CPU kernel')
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
-class DepthwiseConv2dFunction(torch.autograd.Function):
-    """Autograd wrapper of the extension's forward, input-gradient and weight/bias-gradient kernels.
-
-    ``x`` and ``weight`` are computed in ``x``'s dtype; gradients come back in each argument's dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
-        ext = load_extension()
-        if ext is None:
-            raise RuntimeError('the depthwise-conv CUDA extension in kernels/dwconv is not available '
-                               '(see the warning above); check kernels.dwconv.is_usable(device) first')
-        channels_last = _is_channels_last(x)
-        x_nchw = x.contiguous()
-        w = weight.to(x.dtype)
-        y = ext.forward(x_nchw, w, bias.to(x.dtype) if bias is not None else None, stride)
-        ctx.save_for_backward(x_nchw, w)
-        ctx.stride, ctx.channels_last = stride, channels_last
-        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        ext = load_extension()
-        x, w = ctx.saved_tensors
-        grad_out = grad_out.to(x.dtype).contiguous()
-        weight_dtype, bias_dtype = ctx.dtypes
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ext.input_grad(grad_out, w, x.shape[2], x.shape[3], ctx.stride)
-            if ctx.channels_last:
-                grad_x = grad_x.contiguous(memory_format=torch.channels_last)
-        if ctx.needs_input_grad[1] or (bias_dtype is not None and ctx.needs_input_grad[2]):
-            grad_w, grad_b = ext.weight_bias_grad(grad_out, x, w.shape[-1], ctx.stride)
-            grad_w = grad_w.to(weight_dtype) if ctx.needs_input_grad[1] else None
-            grad_b = grad_b.to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None
+    layout = 'channels_last' if channels_last else 'nchw'
+    return any(kernel_size in sizes and stride in strides and dtype in dtypes and layout in layouts
+               for sizes, strides, dtypes, layouts in cases)
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, stride, k // 2, 1, groups=C)`` on our kernels: CUDA tensors, or fp32
-    CPU tensors outside autocast.
+    """``F.conv2d(x, weight, bias, stride, k // 2, 1, groups=C)`` on our kernels (``torch.ops.fat``):
+    CUDA tensors, or CPU tensors (our weight gradient for fp32).
 
     Under ``torch.autocast('cuda')`` the input is cast to the autocast dtype, as ``F.conv2d`` does.
     """
-    if x.is_cuda:
-        if torch.is_autocast_enabled('cuda'):
-            x = x.to(torch.get_autocast_dtype('cuda'))
-        return DepthwiseConv2dFunction.apply(x, weight, bias, stride)
-    return cpu.DepthwiseConv2dCPUFunction.apply(x, weight, bias, stride, _cpu_function(x))
+    if x.is_cuda and torch.is_autocast_enabled('cuda'):
+        x = x.to(torch.get_autocast_dtype('cuda'))
+    return ops.depthwise_conv2d(x, weight, bias, stride)
 
 
 def gelu_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
@@ -238,10 +95,6 @@ def gelu_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     fp32 CPU tensors, keeping only ``x`` for backward (GELU is recomputed there)."""
     if residual and stride != 1:
         raise ValueError(f'a residual depthwise conv needs stride 1, got {stride}')
-    return cpu.DepthwiseConv2dCPUFunction.apply(x, weight, bias, stride, _cpu_function(x), True, residual)
-
-
-def _cpu_function(x: torch.Tensor):
     if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu'):
         raise RuntimeError(f'the depthwise-conv CPU kernel takes fp32 CPU tensors outside autocast, got {x.dtype} '
                            f'on {x.device}')
@@ -249,47 +102,77 @@ def _cpu_function(x: torch.Tensor):
     if function is None:
         raise RuntimeError('the depthwise-conv CPU kernel in kernels/dwconv is not available (see the warning '
                            "above); check kernels.dwconv.is_usable('cpu') first")
-    return function
+    return cpu.DepthwiseConv2dCPUFunction.apply(x, weight, bias, stride, function, residual)
 
 
-def _reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
-    return F.conv2d(x, weight, bias, stride, weight.shape[-1] // 2, 1, x.shape[1])
+# Shapes of the self-check: more than one tile in each direction with partly empty last blocks, many
+# small planes packed per block, and a single pixel.
+SELF_CHECK_SHAPES = ((2, 8, 70, 40), (5, 8, 7, 7), (1, 4, 1, 1))
 
 
-# (kernel size, stride, shape) of the self-check: the unrolled path (3, 7), the runtime-k path (31),
-# odd sizes, both strides, more than one plane per block.
-SELF_CHECK_CASES = ((3, 1, (2, 8, 13, 17)), (7, 2, (2, 8, 13, 17)), (5, 2, (1, 4, 30, 9)), (31, 1, (1, 4, 9, 40)))
+def _tolerance(dtype: torch.dtype, terms: int) -> float:
+    """Allowed |ours - fp64 reference| per unit of the element's sum of |terms|, for a case computed in
+    ``dtype``: a few units of its precision (rounding of inputs and results) plus fp32 accumulation
+    over ``terms`` products."""
+    return 4 * torch.finfo(dtype).eps + 4 * math.sqrt(terms) * torch.finfo(torch.float32).eps
 
 
-def self_check(device: torch.device, op: Optional[Callable] = None, tolerance: float = 1e-4) -> Optional[str]:
-    """Compare ``op(x, w, b, stride)`` with F.conv2d, output and all three gradients, in fp32 on
-    small random inputs on ``device`` (see ``SELF_CHECK_CASES``); ``op`` defaults to ``depthwise_conv2d``.
-    None if they agree, else what differs."""
-    op = op or depthwise_conv2d
-    generator = torch.Generator(device='cpu').manual_seed(0)
-    with torch.autocast(device.type, enabled=False):
-        for k, stride, shape in SELF_CHECK_CASES:
-            x = torch.randn(shape, generator=generator).to(device).requires_grad_()
-            w = torch.randn(shape[1], 1, k, k, generator=generator).to(device).requires_grad_()
-            b = torch.randn(shape[1], generator=generator).to(device).requires_grad_()
-            out = op(x, w, b, stride)
-            grad = torch.randn(out.shape, generator=generator).to(device)
-            got = (out, *torch.autograd.grad(out, (x, w, b), grad))
-            ref_out = _reference(x, w, b, stride)
-            want = (ref_out, *torch.autograd.grad(ref_out, (x, w, b), grad))
-            for name, a, r in zip(('output', 'input grad', 'weight grad', 'bias grad'), got, want):
-                if a.shape != r.shape:
-                    return f'{name} has shape {tuple(a.shape)}, F.conv2d {tuple(r.shape)} (kernel {k} stride {stride})'
-                error = (a - r).abs().max().item()
-                if not error <= tolerance * max(1.0, r.abs().max().item()):  # also catches NaN
-                    return f'{name} differs from F.conv2d by {error:.3g} for kernel {k} stride {stride}'
+def _check_case(device: torch.device, op: Callable, k: int, stride: int, dtype: torch.dtype,
+                shape: Tuple[int, int, int, int], generator: torch.Generator) -> Optional[str]:
+    """One case against fp64 ``F.conv2d``: output and gradients for x, weight and bias. The weight
+    and bias are fp32 parameters (as under autocast); x and the output gradient are ``dtype``."""
+    n, c = shape[:2]
+    x = torch.randn(shape, generator=generator).to(device, dtype).requires_grad_()
+    w = torch.randn(c, 1, k, k, generator=generator).to(device).requires_grad_()
+    b = torch.randn(c, generator=generator).to(device).requires_grad_()
+    out = op(x, w, b, stride)
+    grad = torch.randn(out.shape, generator=generator).to(device, dtype)
+    got = (out, *torch.autograd.grad(out, (x, w, b), grad))
+
+    def reference(x64, w64, b64, g64):
+        leaves = [t.detach().requires_grad_() for t in (x64, w64, b64)]
+        y = F.conv2d(leaves[0], leaves[1], leaves[2], stride, k // 2, 1, c)
+        return (y.detach(), *torch.autograd.grad(y, leaves, g64))
+
+    as64 = lambda t: t.detach().to(dtype).double()  # noqa: E731 -- the values ours computes with
+    want = reference(as64(x), as64(w), as64(b), grad.double())
+    scale = reference(as64(x).abs(), as64(w).abs(), as64(b).abs(), grad.double().abs())  # sums of |terms|
+    positions = n * out.shape[2] * out.shape[3]
+    names = ('output', 'input grad', 'weight grad', 'bias grad')
+    for name, a, r, s, terms in zip(names, got, want, scale, (k * k, k * k, positions, positions)):
+        if a.shape != r.shape:
+            return f'{name} has shape {tuple(a.shape)}, F.conv2d {tuple(r.shape)}'
+        excess = (a.double() - r).abs() - _tolerance(dtype, terms) * s - 1e-30
+        if not bool((excess <= 0).all()):  # also catches NaN
+            worst = torch.nan_to_num(excess, nan=math.inf).argmax()
+            return (f'{name} differs from F.conv2d by {(a.double() - r).abs().flatten()[worst]:.3g} where '
+                    f'{_tolerance(dtype, terms) * s.flatten()[worst]:.3g} is allowed')
     return None
 
 
-def is_usable(device: torch.device) -> bool:
+def self_check(device: torch.device, cases: Iterable[Tuple[int, int, torch.dtype]],
+               op: Optional[Callable] = None) -> Optional[str]:
+    """Compare ``op(x, w, b, stride)`` (default ``depthwise_conv2d``) with fp64 ``F.conv2d`` for each
+    (kernel size, stride, dtype) of ``cases`` on ``SELF_CHECK_SHAPES``: output and all three
+    gradients. Runs with gradients on whatever the caller's mode (``no_grad``, ``inference_mode``).
+    None if they agree, else what differs."""
+    op = op or depthwise_conv2d
+    generator = torch.Generator(device='cpu').manual_seed(0)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        for k, stride, dtype in cases:
+            for shape in SELF_CHECK_SHAPES:
+                problem = _check_case(device, op, k, stride, dtype, shape, generator)
+                if problem:
+                    return f'{problem} (kernel {k}, stride {stride}, {dtype}, input {shape})'
+    return None
+
+
+def is_usable(device: torch.device, kernel_size: Optional[int] = None, stride: Optional[int] = None,
+              dtype: Optional[torch.dtype] = None) -> bool:
     """True when our code for this device (the CUDA extension, or the CPU weight-gradient kernel) is
-    built and passed ``self_check`` there. Checked once per device; a failure logs one warning and
-    stays False. Never raises."""
+    built and passed ``self_check`` there, for (kernel size, stride) in fp32 and ``dtype`` (default: a
+    kernel-3 and a kernel-5 stride-2 case). Checked once per device and case; a failure logs one
+    warning and stays False. Never raises."""
     try:
         device = torch.device(device)
         if device.type not in ('cuda', 'cpu'):
@@ -298,18 +181,23 @@ def is_usable(device: torch.device) -> bool:
             device = torch.device('cuda', torch.cuda.current_device())
     except Exception:  # no usable CUDA runtime at all
         return False
-    key = str(device)
+    if kernel_size is None:
+        cases = ((3, 1, torch.float32), (5, 2, torch.float32))
+    else:
+        dtypes = (torch.float32,) if device.type == 'cpu' else tuple(dict.fromkeys((torch.float32, dtype or torch.float32)))
+        cases = tuple((kernel_size, stride, d) for d in dtypes)
+    key = (str(device), cases)
     with _lock:
         known = _usable.get(key)
     if known is not None:
         return known
     try:
         loaded = load_extension() if device.type == 'cuda' else load_cpu_library()
-        problem = 'it could not be built' if loaded is None else self_check(device)
+        problem = 'it could not be built' if loaded is None else self_check(device, cases)
     except Exception as error:  # a crashing kernel is as unusable as a wrong one
         problem = f'{type(error).__name__}: {error}'
     if problem:
-        logger.warning(f'our depthwise-conv kernels are not used on {key}: {problem}; '
+        logger.warning(f'our depthwise-conv kernels are not used on {device}: {problem}; '
                        'PyTorch depthwise convolutions are used instead')
     with _lock:
         _usable[key] = problem is None

@@ -90,8 +90,8 @@ def weight_bias_grad(function, grad_out: torch.Tensor, x: torch.Tensor, kernel_s
     x = x.contiguous(memory_format=torch.channels_last)
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     b, c, h, w = x.shape
-    grad_w = torch.empty(kernel_size, kernel_size, c)
-    grad_b = torch.empty(c)
+    grad_w = torch.empty(kernel_size, kernel_size, c, dtype=torch.float32)  # what the C function writes
+    grad_b = torch.empty(c, dtype=torch.float32)
     status = function(x.data_ptr(), grad_out.data_ptr(), grad_w.data_ptr(), grad_b.data_ptr(), b, h, w, c,
                       grad_out.shape[2], grad_out.shape[3], kernel_size, stride, kernel_size // 2,
                       torch.get_num_threads())
@@ -102,32 +102,31 @@ def weight_bias_grad(function, grad_out: torch.Tensor, x: torch.Tensor, kernel_s
 
 
 class DepthwiseConv2dCPUFunction(torch.autograd.Function):
-    """``F.conv2d`` forward and input gradient; weight and bias gradients from the compiled kernel.
-    fp32 CPU tensors; the output keeps the input's memory format, as ``F.conv2d`` does.
+    """``conv(GELU(x))`` (plus ``GELU(x)`` with ``residual``, stride 1), ``conv`` being ``F.conv2d``'s
+    depthwise convolution, with its weight and bias gradients from the compiled kernel. fp32 CPU
+    tensors; the output keeps the input's memory format, as ``F.conv2d`` does.
 
-    With ``gelu_input`` the op is ``conv(GELU(x))`` (plus ``GELU(x)`` with ``residual``, stride 1):
-    only ``x`` is kept for backward and GELU is recomputed there, so the activation between the two
+    Only ``x`` is kept for backward and GELU is recomputed there, so the activation between the two
     is never stored (FAT's ConvFFN: one map of 4x the block's width less per block).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
-                function, gelu_input: bool = False, residual: bool = False) -> torch.Tensor:
+                function, residual: bool = False) -> torch.Tensor:
         k = weight.shape[-1]
-        a = F.gelu(x) if gelu_input else x
+        a = F.gelu(x)
         y = F.conv2d(a, weight, bias, stride, k // 2, 1, a.shape[1])
         if residual:
             y += a
         ctx.save_for_backward(x, weight)
-        ctx.stride, ctx.function, ctx.has_bias = stride, function, bias is not None
-        ctx.gelu_input, ctx.residual = gelu_input, residual
+        ctx.stride, ctx.function, ctx.has_bias, ctx.residual = stride, function, bias is not None, residual
         return y
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight = ctx.saved_tensors
         k, s = weight.shape[-1], ctx.stride
-        a = F.gelu(x) if ctx.gelu_input else x
+        a = F.gelu(x)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
@@ -135,10 +134,10 @@ class DepthwiseConv2dCPUFunction(torch.autograd.Function):
                 [True, False, False])[0]
             if ctx.residual:
                 grad_x += grad_out
-            if ctx.gelu_input:  # in place: no new buffer of the block's widest size
-                grad_x = torch.ops.aten.gelu_backward.grad_input(grad_x, x, grad_input=grad_x)
+            # in place: no new buffer of the block's widest size
+            grad_x = torch.ops.aten.gelu_backward.grad_input(grad_x, x, grad_input=grad_x)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             grad_w, grad_b = weight_bias_grad(ctx.function, grad_out, a, k, s)
             grad_w = grad_w if ctx.needs_input_grad[1] else None
             grad_b = grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None

@@ -103,7 +103,15 @@ std::vector<torch::Tensor> dwconv_weight_bias_grad(torch::Tensor dy, torch::Tens
   return {partial_w.sum(0).view({C, 1, K, K}), partial_b.sum(0)};
 }
 
+#ifndef FAT_DWCONV_SOURCE_HASH
+#define FAT_DWCONV_SOURCE_HASH unknown
+#endif
+#define FAT_DWCONV_STRING(x) FAT_DWCONV_STRING_(x)
+#define FAT_DWCONV_STRING_(x) #x
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // toolchain.source_hash() of the sources this module was built from
+  m.attr("source_hash") = FAT_DWCONV_STRING(FAT_DWCONV_SOURCE_HASH);
   m.def("forward", &dwconv_forward, "depthwise conv2d forward, padding k // 2 (NCHW)", py::arg("x"), py::arg("weight"),
         py::arg("bias"), py::arg("stride"));
   m.def("input_grad", &dwconv_input_grad, "gradient w.r.t. the input (NCHW)", py::arg("grad_output"),
