@@ -135,6 +135,7 @@ _C.PRINT_FREQ = 10  # micro-batches between log lines
 _C.SEED = 0  # random seed (offset by rank)
 _C.EVAL_MODE = False  # only evaluate MODEL.RESUME
 _C.THROUGHPUT_MODE = False  # only measure training and inference throughput (synthetic batches, no data)
+_C.EXPORT = ''  # only write the model (MODEL.RESUME's weights, else fresh) to this .onnx or .pt2 file, checked
 
 # Keys that take one of a few words; checked after every merge so a typo is named before any work.
 _CHOICES = {
@@ -154,7 +155,7 @@ _MINIMA = {'DATA.BATCH_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'PRINT_FREQ': 1,
 # Keys that only image classification (main.py) reads; detection and segmentation drop them.
 CLASSIFICATION_ONLY = ('AUG', 'TEST', 'MODEL.LABEL_SMOOTHING', 'MODEL.DROP_RATE', 'DATA.IMG_SIZE',
                        'DATA.INTERPOLATION', 'DATA.SKIP_CORRUPT', 'THROUGHPUT_MODE', 'REPARAM', 'COMPILE',
-                       'CHANNELS_LAST')
+                       'CHANNELS_LAST', 'EXPORT')
 
 # Command-line flags: flag -> (config key, value set by the switch or None when the flag takes one, help).
 _FLAGS: Dict[str, Tuple[str, object, str]] = {
@@ -173,7 +174,9 @@ _FLAGS: Dict[str, Tuple[str, object, str]] = {
     '--device': ('DEVICE', None, 'cuda or cpu (default: cuda when available)'),
     '--compile': ('COMPILE', True, 'torch.compile the model'),
     '--channels-last': ('CHANNELS_LAST', True, 'channels_last model and inputs'),
-    '--reparam': ('REPARAM', True, '--eval, --throughput\'s inference: fold BatchNorms into convs (same logits)'),
+    '--reparam': ('REPARAM', True, '--eval, --export, --throughput\'s inference: fold BatchNorms into convs '
+                  '(same logits)'),
+    '--export': ('EXPORT', None, 'write the model to this .onnx or .pt2 file (weights of --resume), and check it'),
     '--seed': ('SEED', None, 'random seed'),
 }
 
@@ -292,8 +295,8 @@ def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] 
         except (KeyError, ValueError, AssertionError) as error:
             raise ConfigError(f'{flag}: {_yacs_message(error)}') from error
     _check(config, 'command line', choices)
-    if config.get('REPARAM') and not (config.EVAL_MODE or config.get('THROUGHPUT_MODE')):
-        raise ConfigError('REPARAM (--reparam) folds the BatchNorms for --eval or --throughput; '
+    if config.get('REPARAM') and not (config.EVAL_MODE or config.get('THROUGHPUT_MODE') or config.get('EXPORT')):
+        raise ConfigError('REPARAM (--reparam) folds the BatchNorms for --eval, --export or --throughput; '
                           'a training run cannot use it')
     config.freeze()
 

@@ -14,6 +14,7 @@ import datetime
 import itertools
 import math
 import time
+from pathlib import Path
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -24,8 +25,9 @@ import engine
 from config import parse_command_line
 from data import build_loader, build_mixup
 from models import build_model, checkpoint_filter_fn, count_macs
+from models.export import check_destination, export as export_model
 from utils import (CheckpointError, all_reduce, amp_dtype, autocast, load_checkpoint_file, memory_used_mb,
-                   run_entry_point, state_dict_mismatch)
+                   UserInputError, run_entry_point, state_dict_mismatch)
 
 
 class Classification(engine.Task):
@@ -125,15 +127,21 @@ def load_pretrained(model: nn.Module, path: str, logger) -> None:
     logger.info(f'loaded weights from {path}')
 
 
-def inference_model(config, model: nn.Module, device: torch.device, logger) -> nn.Module:
-    """The model --eval and --throughput run: in eval mode, in deploy form with REPARAM, compiled with
-    COMPILE (on CPU with inductor's weight freezing, PyTorch's CPU inference recipe: it prepacks the
-    conv weights and fuses activations into them; safe here because the weights no longer change)."""
-    model.eval()
+def deploy_form(config, model: nn.Module, logger) -> nn.Module:
+    """``model`` (in eval mode) with its BatchNorms and depthwise residuals folded into the convs when
+    REPARAM is set (same logits)."""
     if config.REPARAM:
         n_norms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
         model.reparameterize()
         logger.info(f'deploy form: {n_norms} BatchNorms and the depthwise residuals folded into the convs')
+    return model
+
+
+def inference_model(config, model: nn.Module, device: torch.device, logger) -> nn.Module:
+    """The model --eval and --throughput run: in eval mode, in deploy form with REPARAM, compiled with
+    COMPILE (on CPU with inductor's weight freezing, PyTorch's CPU inference recipe: it prepacks the
+    conv weights and fuses activations into them; safe here because the weights no longer change)."""
+    model = deploy_form(config, model.eval(), logger)
     if not config.COMPILE:
         return model
     if device.type == 'cpu':
@@ -243,12 +251,34 @@ def timed(step: Callable[[], object], device: torch.device, min_steps: int, min_
     return steps, seconds
 
 
+def export(session: engine.Session) -> None:
+    """Write the model with MODEL.RESUME's weights (else fresh ones), in deploy form with REPARAM, to
+    EXPORT (.onnx or .pt2), and check the file against PyTorch at DATA.IMG_SIZE and a non-square size."""
+    config, logger = session.config, session.logger
+    path = Path(config.EXPORT)
+    check_destination(path)
+    if session.world_size > 1:
+        raise UserInputError('--export runs in one process; start it without torchrun')
+    if config.MODEL.DWCONV_IMPL == 'cuda':
+        logger.info('--export writes PyTorch depthwise convs: our kernels (MODEL.DWCONV_IMPL cuda) are never exported')
+    task = Classification(session)
+    model = engine.build_model(task)
+    if config.MODEL.RESUME:
+        engine.load_weights(model, task.weights(load_checkpoint_file(config.MODEL.RESUME)), config.MODEL.RESUME)
+    else:
+        logger.info('--export without --resume writes freshly initialised weights')
+    export_model(deploy_form(config, model.eval(), logger), path, config.DATA.IMG_SIZE, logger)
+
+
 def main(config) -> None:
     """The story of a run: join the processes and open the run folder, then measure throughput, or
-    evaluate a checkpoint, or train (resuming where the folder left off)."""
+    export the model, or evaluate a checkpoint, or train (resuming where the folder left off)."""
     session = engine.start(config)
     if config.THROUGHPUT_MODE:
         throughput(session)
+        return
+    if config.EXPORT:
+        export(session)
         return
     engine.train_or_evaluate(Classification(session))
 

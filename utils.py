@@ -54,6 +54,10 @@ class CheckpointError(ReportedError):
     """A checkpoint cannot be read, does not fit, or belongs to another run."""
 
 
+class ExportError(ReportedError):
+    """An exported model does not reproduce the PyTorch model."""
+
+
 class NonFiniteLossError(ReportedError):
     """The loss or gradients stopped being finite more often than TRAIN.MAX_NONFINITE_STEPS allows."""
 

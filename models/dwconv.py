@@ -13,13 +13,14 @@ step). Chosen by ``impl``:
 - ``'torch'``: always ``F.conv2d``.
 - ``'cuda'``: always our kernel on CUDA tensors, an error if it cannot be used; PyTorch on CPU.
 """
-from __future__ import annotations
 
 from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 DwConvImpl = Literal['auto', 'torch', 'cuda']
 DWCONV_IMPLS = ('auto', 'torch', 'cuda')
@@ -57,17 +58,49 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+@register_notrace_module  # one leaf for FX (feature extraction, quantization): its dispatch is Python
 class DepthwiseConv2d(nn.Conv2d):
-    """Depthwise ``k x k`` convolution with stride ``s``, padding ``k // 2`` and bias."""
+    """Depthwise ``k x k`` convolution with stride ``s``, padding ``k // 2`` and bias.
 
-    def __init__(self, channels: int, kernel_size: int, stride: int = 1, impl: DwConvImpl = 'auto'):
+    With ``gelu_input`` it computes ``conv(a)``, plus ``a`` with ``residual`` (stride 1), where
+    ``a = GELU(x)``: FAT's ConvFFN, where our CPU kernel runs both as one op that stores only ``x``
+    for backward (one activation of 4x the block's width fewer in CPU training).
+    """
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, impl: DwConvImpl = 'auto',
+                 gelu_input: bool = False, residual: bool = False):
         if kernel_size % 2 != 1:
             raise ValueError(f'depthwise kernel size must be odd, got {kernel_size}')
+        if residual and stride != 1:
+            raise ValueError(f'a residual depthwise conv needs stride 1, got {stride}')
         super().__init__(channels, channels, kernel_size, stride, kernel_size // 2, groups=channels, bias=True)
         self.impl = check_impl(impl)
+        self.gelu_input = gelu_input
+        self.residual = residual
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self.gelu_input and self._fused_on_cpu(x):
+            return _kernels().gelu_depthwise_conv2d(x, self.weight, self.bias, self.stride[0], self.residual)
+        a = F.gelu(x) if self.gelu_input else x
+        if not torch.jit.is_scripting() and self._use_extension(a):
+            y = self._extension_conv(a)
+        else:
+            y = F.conv2d(a, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return y + a if self.residual else y
+
+    @torch.jit.unused
+    def _fused_on_cpu(self, x: torch.Tensor) -> bool:
+        """GELU and the conv as our one CPU op: eager CPU training where our kernel is chosen."""
+        return (not is_fx_symbolic_tracing() and not x.is_cuda and not torch.compiler.is_compiling()
+                and self._use_extension(x))
+
+    @torch.jit.unused
+    def _extension_conv(self, x: torch.Tensor) -> torch.Tensor:
+        return _kernels().depthwise_conv2d(x, self.weight, self.bias, self.stride[0])
+
+    @torch.jit.unused
     def _use_extension(self, x: torch.Tensor) -> bool:
-        if self.impl == 'torch':
+        if self.impl == 'torch' or is_fx_symbolic_tracing():  # an FX graph records PyTorch's ops
             return False
         k, s = self.kernel_size[0], self.stride[0]
         if x.is_cuda:
@@ -85,21 +118,9 @@ class DepthwiseConv2d(nn.Conv2d):
                 and (x.requires_grad or self.weight.requires_grad) and not torch.is_autocast_enabled('cpu')
                 and _extension_chosen('cpu', None, k, s, x.dtype, _is_channels_last(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_extension(x):
-            return _kernels().depthwise_conv2d(x, self.weight, self.bias, self.stride[0])
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
-
-    def forward_after_gelu(self, x: torch.Tensor, residual: bool = False) -> torch.Tensor:
-        """``self(a) + a`` (``residual``, stride 1) or ``self(a)``, with ``a = GELU(x)``. Where our CPU
-        kernel runs eagerly, one op that stores only ``x`` for backward, not ``a`` as well."""
-        if not x.is_cuda and not torch.compiler.is_compiling() and self._use_extension(x):
-            return _kernels().gelu_depthwise_conv2d(x, self.weight, self.bias, self.stride[0], residual)
-        a = F.gelu(x)
-        return a + self(a) if residual else self(a)
-
     def extra_repr(self) -> str:
-        return super().extra_repr() + f', impl={self.impl}'
+        extra = f', impl={self.impl}' + ', gelu_input=True' * self.gelu_input + ', residual=True' * self.residual
+        return super().extra_repr() + extra
 
 
 def check_impl(impl: str) -> str:
@@ -109,9 +130,10 @@ def check_impl(impl: str) -> str:
     return impl
 
 
-def create_dwconv(channels: int, kernel_size: int, stride: int = 1, impl: DwConvImpl = 'auto') -> DepthwiseConv2d:
+def create_dwconv(channels: int, kernel_size: int, stride: int = 1, impl: DwConvImpl = 'auto',
+                  gelu_input: bool = False, residual: bool = False) -> DepthwiseConv2d:
     """Make a depthwise conv; the single factory every FAT layer uses."""
-    return DepthwiseConv2d(channels, kernel_size, stride, impl)
+    return DepthwiseConv2d(channels, kernel_size, stride, impl, gelu_input, residual)
 
 
 def set_dwconv_impl(model: nn.Module, impl: DwConvImpl) -> nn.Module:

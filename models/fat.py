@@ -11,7 +11,6 @@ never materialises the attention matrix.
 
 Parameter names differ from the authors' release; ``checkpoint_filter_fn`` maps their layout.
 """
-from __future__ import annotations
 
 import math
 import re
@@ -149,27 +148,25 @@ class FASA(nn.Module):
 class ConvFFN(nn.Module):
     """1x1 expand, GELU, depthwise 5x5 (residual at stride 1, strided at 2), BatchNorm, 1x1 project.
 
-    GELU and the depthwise conv run as one step (``DepthwiseConv2d.forward_after_gelu``), which in CPU
-    training keeps one activation fewer for backward.
+    GELU, the depthwise conv and its residual are one module (``DepthwiseConv2d`` with ``gelu_input``),
+    which in CPU training keeps one activation fewer for backward.
     """
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: int, kernel_size: int, stride: int):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.dwconv = create_dwconv(hidden_dim, kernel_size, stride)
-        self.dw_residual = stride == 1
+        self.dwconv = create_dwconv(hidden_dim, kernel_size, stride, gelu_input=True, residual=stride == 1)
         self.norm = nn.BatchNorm2d(hidden_dim)
         self.fc2 = nn.Conv2d(hidden_dim, out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dwconv.forward_after_gelu(self.fc1(x), residual=self.dw_residual)
-        return self.fc2(self.norm(x))
+        return self.fc2(self.norm(self.dwconv(self.fc1(x))))
 
     def reparameterize(self) -> None:
         """Fold the depthwise residual and the BatchNorm into the depthwise conv (inference only)."""
-        if self.dw_residual:
+        if self.dwconv.residual:
             fold_identity(self.dwconv)
-            self.dw_residual = False
+            self.dwconv.residual = False
         if isinstance(self.norm, nn.BatchNorm2d):
             fold_batchnorm(self.dwconv, self.norm)
             self.norm = nn.Identity()
@@ -265,6 +262,8 @@ class FATStage(nn.Module):
             last.norm2 = last.mlp = last.shortcut = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript takes no module arguments (and no checkpointing)
+            return self.blocks(x)
         for block in self.blocks:
             x = self._run(block, x)
         return x

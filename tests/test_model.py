@@ -1,4 +1,5 @@
 """The FAT model: faithfulness to the reference, the timm interface, any input size, deploy form."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -56,20 +57,6 @@ def test_reference_state_dict_reproduces_reference_logits(name):
     with torch.no_grad():
         logits = model(vector['input'])
     torch.testing.assert_close(logits, vector['logits'], rtol=0, atol=1e-4)
-
-
-@pytest.mark.parametrize('variant', VARIANTS + ['tiny'])
-def test_reference_key_layout_maps_onto_every_variant(variant):
-    path = TESTDATA / f'{variant}_keys.tsv'
-    if not path.exists():
-        pytest.skip(f'{path} not found')
-    rows = [line.split('\t') for line in path.read_text().splitlines()[1:]]
-    reference = {key: torch.Size(eval(shape)) for key, shape in rows}
-    model = tiny_model() if variant == 'tiny' else timm.create_model(variant)
-    mapped = checkpoint_filter_fn({k: torch.empty(s) for k, s in reference.items()})
-    ours = model.state_dict()
-    assert set(mapped) == set(ours)
-    assert all(mapped[k].shape == ours[k].shape for k in ours)
 
 
 def test_wrapped_and_ddp_prefixed_official_checkpoint_loads_through_timm(tmp_path):
@@ -445,6 +432,46 @@ def test_dwconv_cuda_impl_fails_loudly_when_extension_unusable(monkeypatch):
     assert not dwconv.create_dwconv(8, 7, impl='auto')._use_extension(cuda_input), 'auto falls back silently'
     monkeypatch.setattr(dwconv, '_kernels', lambda: None)
     assert not dwconv.create_dwconv(8, 7, impl='auto')._use_extension(cuda_input)
+
+
+# --- traced, scripted: what timm's tests/test_models.py checks ------------------------------------
+
+def test_fx_feature_extraction_by_node_name(fat_b0):
+    """timm's FX feature extraction (the depthwise convs are leaves of its tracer) at a non-square size."""
+    from timm.models import create_feature_extractor, get_graph_node_names
+    nodes = get_graph_node_names(fat_b0)[1]
+    stage_ends = {f'stage{i}': [n for n in nodes if n.startswith(f'stages.{i}.')][-1] for i in (0, 2)}
+    extractor = create_feature_extractor(fat_b0, return_nodes={**{v: k for k, v in stage_ends.items()}, 'head': 'logits'})
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        out, logits = extractor(x), fat_b0(x)
+    assert out['stage0'].shape == (1, 80, 8, 12) and out['stage2'].shape == (1, 256, 2, 3)
+    torch.testing.assert_close(out['logits'], logits)
+
+
+def test_fx_symbolic_trace_trains_like_the_model():
+    """Plain torch.fx.symbolic_trace (a tracer that knows nothing of timm's leaves), forward and backward."""
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    traced = torch.fx.symbolic_trace(copy.deepcopy(model))  # a graph module shares its root's parameters
+    x = torch.randn(2, 3, 64, 48)
+    torch.manual_seed(1)
+    model(x).square().sum().backward()
+    torch.manual_seed(1)
+    traced(x).square().sum().backward()
+    scale = max(p.grad.abs().max() for p in model.parameters())
+    traced_params = dict(traced.named_parameters())
+    assert traced_params.keys() == dict(model.named_parameters()).keys()
+    for name, p in model.named_parameters():
+        # the model's CPU depthwise weight gradients are ours, the graph's PyTorch's: sums in another order
+        torch.testing.assert_close(traced_params[name].grad, p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_torchscript_matches_eager(fat_b0):
+    scripted = torch.jit.script(fat_b0)
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), fat_b0(x))
 
 
 def test_literal_benchmark_baseline_computes_the_same_model():
