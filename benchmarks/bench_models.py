@@ -13,18 +13,28 @@ Modes build on each other:
                    prepacks conv weights and fuses activations and adds into oneDNN convs: the CPU
                    inference recipe PyTorch recommends, applied to every model alike)
 
+and, on request (CPU inference, fp32; needs benchmarks/requirements.txt):
+
+    onnxruntime    fused's re-parameterised model, NCHW (an ONNX graph has one layout), exported with
+                   torch.onnx's dynamo exporter with a dynamic batch dimension and run by ONNX Runtime's
+                   CPU provider at its full graph optimisation, with the same thread count; its logits
+                   are checked against PyTorch's before timing. FAT exports with ``--dwconv-impl torch``
+                   (our depthwise kernels are not exported).
+
 ``--task train`` times forward + backward + AdamW step (fused mode does not apply; AdamW is fused on
 CUDA). ``--amp bf16`` / ``fp16`` runs under ``torch.autocast`` on the device (fp16 training with loss
 scaling). ``--dwconv-impl torch cuda`` measures each FAT model once per depthwise-conv implementation
 (``MODEL.DWCONV_IMPL``; ours stays in compiled graphs as the ``torch.ops.fat`` operator). On CUDA,
 ``cudnn.benchmark`` is on. ``fat_b0_literal`` is the spec written out op by op
-(benchmarks/literal_fat.py), NCHW eager only.
+(benchmarks/literal_fat.py), NCHW eager only. At batch 1 the table gives each mode's latency too.
 
 Usage:
     python benchmarks/bench_models.py                                  # inference table, CPU ~25 min
     python benchmarks/bench_models.py --task train --models fat_b0 fat_b0_literal --modes eager compiled
     python benchmarks/bench_models.py --task train --models fat_b0_literal fat_b0 --modes channels_last --repeat 5
     python benchmarks/bench_models.py --models fat_b0 --batch-size 1 --img-size 1024 --modes channels_last
+    python benchmarks/bench_models.py --models fat_b0 fastvit_t8 --modes fused compiled onnxruntime \\
+        --batch-size 1 32 --dwconv-impl torch --repeat 2                     # deploying on CPU
     python benchmarks/bench_models.py --models fat_b0 fastvit_t8 --modes compiled \\
         --img-size 224 384 512 768 1024 --batch-size 1 --plot resolution.png
     python benchmarks/bench_models.py --task train --amp bf16 --batch-size 128 --models fat_b0 fastvit_t8 \\
@@ -40,9 +50,10 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Callable, Iterator, List, Tuple
 
 import torch
 import torch._dynamo
@@ -56,7 +67,11 @@ FAT_MODELS = ['fat_b0', 'fat_b1', 'fat_b2', 'fat_b3']
 # timm models of similar ImageNet top-1: issue #2's set, then #6's additions
 PEERS = ['edgenext_x_small', 'fastvit_t8', 'repvit_m0_9', 'efficientformerv2_s1', 'mobilevitv2_075',
          'edgenext_small', 'fastvit_t12', 'repvit_m1_1', 'mobilevitv2_100']
-MODES = ['eager', 'channels_last', 'fused', 'compiled']
+MODES = ['eager', 'channels_last', 'fused', 'compiled']  # the default set
+EXPORT_MODES = ['onnxruntime']  # on request
+CHANNELS_LAST_MODES = ('channels_last', 'fused', 'compiled')
+INFERENCE_MODES = ('fused', 'onnxruntime')
+ORT_TOLERANCE = 1e-4  # max |ONNX Runtime logits - PyTorch logits| (fp32) above which a result is flagged
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 LITERAL_SUFFIX = '_literal'
 RESULT_PREFIX = 'RESULT '  # marks a worker's result lines among whatever else it prints
@@ -84,8 +99,10 @@ def build(name: str, mode: str, task: str, device: torch.device, dwconv_impl: st
     literal = name.endswith(LITERAL_SUFFIX)
     if literal and mode != 'eager':
         raise ValueError('the literal baseline runs in eager NCHW mode only')
-    if mode == 'fused' and task == 'train':
-        raise ValueError('fused (BatchNorm folding) is an inference mode')
+    if mode in INFERENCE_MODES and task == 'train':
+        raise ValueError(f'{mode} is an inference mode')
+    if mode == 'onnxruntime' and device.type != 'cpu':
+        raise ValueError("the onnxruntime mode runs on CPU (ONNX Runtime's CPUExecutionProvider)")
     base = name.removesuffix(LITERAL_SUFFIX)
     if dwconv_impl != 'auto' and base not in models.MODEL_ARGS:
         raise ValueError(f'{name} has no depthwise-conv implementation to choose (only FAT models do)')
@@ -94,9 +111,9 @@ def build(name: str, mode: str, task: str, device: torch.device, dwconv_impl: st
     if literal:
         from benchmarks.literal_fat import make_literal
         make_literal(model)
-    if mode != 'eager':
+    if mode in CHANNELS_LAST_MODES:
         model = model.to(memory_format=torch.channels_last)
-    if mode in ('fused', 'compiled') and task == 'infer':
+    if mode in ('fused', 'compiled', 'onnxruntime') and task == 'infer':
         model = reparameterize_model(model, inplace=True)
     if mode == 'compiled':
         if device.type == 'cpu' and task == 'infer':
@@ -127,6 +144,41 @@ def make_step(model: torch.nn.Module, task: str, x: torch.Tensor, amp: str = 'no
     return step
 
 
+class ExportError(RuntimeError):
+    """torch.onnx.export failed; the table says 'export failed' for it."""
+
+
+def onnxruntime_step(model: torch.nn.Module, x: torch.Tensor) -> Tuple[Callable[[], None], dict]:
+    """Export ``model`` with torch.onnx's dynamo exporter, the batch dimension dynamic (one file serves
+    every batch size), open it in ONNX Runtime's CPU provider at full graph optimisation with PyTorch's
+    thread count, and compare its logits with ``model``'s on ``x``. Returns the timed step (one run on
+    ``x``) and the export's figures: seconds, opset, max |logits difference|."""
+    import onnxruntime
+
+    example = torch.randn(2, *x.shape[1:])  # torch.export specialises a batch of 1 into the graph
+    t0 = time.perf_counter()
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: torch.export.Dim('batch')},))
+    except Exception as error:
+        while error.__cause__ is not None:  # the exporter wraps the failing step's own error
+            error = error.__cause__
+        raise ExportError(f'{type(error).__name__}: {error}'.strip().splitlines()[0]) from error
+    export_s = time.perf_counter() - t0
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / 'model.onnx')
+        program.save(path)
+        session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+    with torch.inference_mode():
+        expected = model(x)
+    max_abs_diff = (torch.from_numpy(session.run(None, feed)[0]) - expected).abs().max().item()
+    opset = next(o.version for o in program.model_proto.opset_import if o.domain == '')
+    return (lambda: session.run(None, feed)), dict(export_s=export_s, opset=opset, max_abs_diff=max_abs_diff)
+
+
 def measure(name: str, mode: str, task: str, batch_size: int, img_size: int, device: str, min_seconds: float,
             malloc: str, amp: str = 'none', dwconv_impl: str = 'auto') -> dict:
     """Run in a worker process: build, warm up, time; return img/s and memory."""
@@ -137,10 +189,16 @@ def measure(name: str, mode: str, task: str, batch_size: int, img_size: int, dev
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
     model = build(name, mode, task, dev, dwconv_impl)
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
-    if mode != 'eager':
+    if mode in CHANNELS_LAST_MODES:
         x = x.to(memory_format=torch.channels_last)
-    step = make_step(model, task, x, amp)
-    rss_before = peak_rss_mb()
+    rss_before = peak_rss_mb()  # so the exporter's memory counts, as the compiler's does in 'compiled'
+    exported = {}
+    if mode == 'onnxruntime':
+        if amp != 'none':
+            raise ValueError('the onnxruntime mode runs the fp32 graph: leave --amp at none')
+        step, exported = onnxruntime_step(model, x)
+    else:
+        step = make_step(model, task, x, amp)
     if dev.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -157,7 +215,7 @@ def measure(name: str, mode: str, task: str, batch_size: int, img_size: int, dev
     elapsed = time.perf_counter() - t0
     result = dict(model=name, mode=mode, task=task, batch=batch_size, img=img_size, amp=amp, dwconv_impl=dwconv_impl,
                   img_s=batch_size * iters / elapsed, latency_s=elapsed / iters, first_call_s=first_call,
-                  peak_rss_mb=peak_rss_mb(), extra_rss_mb=peak_rss_mb() - rss_before)
+                  peak_rss_mb=peak_rss_mb(), extra_rss_mb=peak_rss_mb() - rss_before, **exported)
     if dev.type == 'cuda':
         result['peak_cuda_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
     return result
@@ -232,8 +290,10 @@ def format_result(r: dict) -> str:
         return head + f"error: {r['error']}"
     memory = (f"peak CUDA {r['peak_cuda_mb']:.0f} MB" if 'peak_cuda_mb' in r
               else f"peak RSS {r['peak_rss_mb']:.0f} MB (+{r['extra_rss_mb']:.0f})")
+    exported = (f"  export {r['export_s']:.0f} s, opset {r['opset']}, max |logits - PyTorch's| {r['max_abs_diff']:.1e}"
+                + (f' ABOVE {ORT_TOLERANCE:g}' if r['max_abs_diff'] > ORT_TOLERANCE else '') if 'opset' in r else '')
     return head + (f"{r['img_s']:8.1f} img/s {r['latency_s'] * 1000:9.1f} ms/step  first {r['first_call_s']:5.1f} s  "
-                   + memory)
+                   + memory + exported)
 
 
 def median_runs(runs: list) -> list:
@@ -250,23 +310,45 @@ def median_runs(runs: list) -> list:
 
 
 def table_lines(results: list, modes: list) -> List[str]:
-    """Markdown table: img/s per mode, then the best mode with its peak memory (CUDA memory on a GPU,
-    else resident memory and its growth over the built model); one row per model (and depthwise-conv
-    implementation where it is not 'auto'), batch and size."""
+    """Markdown table: img/s per mode (at batch 1 with the latency), then the best mode with its peak
+    memory (CUDA memory on a GPU, else resident memory and its growth over the built model); one row per
+    model (and depthwise-conv implementation where it is not 'auto'), batch and size."""
     mem_keys = ['peak_cuda_mb'] if any('peak_cuda_mb' in r for r in results) else ['peak_rss_mb', 'extra_rss_mb']
     columns = ['model', 'batch', 'size'] + modes + ['best img/s', 'best mode'] + [f'{k} (best)' for k in mem_keys]
     lines = ['| ' + ' | '.join(columns) + ' |', '|' + '|'.join('---' for _ in columns) + '|']
     rows: dict = {}
     for r in results:
-        label = r['model'] + (f" (dwconv {r['dwconv_impl']})" if r['dwconv_impl'] != 'auto' else '')
-        rows.setdefault((label, r['batch'], r['img']), {})[r['mode']] = r
+        rows.setdefault((_row_label(r), r['batch'], r['img']), {})[r['mode']] = r
     for (name, batch, img), per_mode in rows.items():
         ok = {m: r for m, r in per_mode.items() if 'error' not in r}
-        cells = [f"{ok[m]['img_s']:.1f}" if m in ok else ('n/a' if m in per_mode else '') for m in modes]
+        cells = [f"{ok[m]['img_s']:.1f}" + (f" ({ok[m]['latency_s'] * 1000:.1f} ms)" if batch == 1 else '')
+                 if m in ok else _failure_cell(per_mode.get(m)) for m in modes]
         best = max(ok.values(), key=lambda r: r['img_s'], default=None)
         cells += ([f"{best['img_s']:.1f}", best['mode']] + [f"{best[k]:.0f}" for k in mem_keys]
                   if best else ['-'] * (2 + len(mem_keys)))
         lines.append('| ' + ' | '.join([name, str(batch), str(img)] + cells) + ' |')
+    return lines
+
+
+def _row_label(r: dict) -> str:
+    return r['model'] + (f" (dwconv {r['dwconv_impl']})" if r['dwconv_impl'] != 'auto' else '')
+
+
+def _failure_cell(result) -> str:
+    if result is None:
+        return ''
+    return 'export failed' if result['error'].startswith(ExportError.__name__) else 'n/a'
+
+
+def export_lines(results: list) -> List[str]:
+    """Markdown table of the onnxruntime results' exports: seconds, ONNX opset and the largest difference
+    of ONNX Runtime's logits from PyTorch's, flagged above ``ORT_TOLERANCE``."""
+    lines = ['| model | batch | size | export s | opset | max abs logits diff vs PyTorch |', '|---' * 6 + '|']
+    for r in results:
+        if 'opset' in r:
+            flag = f' (above {ORT_TOLERANCE:g})' if r['max_abs_diff'] > ORT_TOLERANCE else ''
+            lines.append(f"| {_row_label(r)} | {r['batch']} | {r['img']} | {r['export_s']:.1f} | {r['opset']} | "
+                         f"{r['max_abs_diff']:.1e}{flag} |")
     return lines
 
 
@@ -296,7 +378,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--task', choices=['infer', 'train'], default='infer')
     parser.add_argument('--models', nargs='+', default=FAT_MODELS + PEERS)
-    parser.add_argument('--modes', nargs='+', default=MODES, choices=MODES)
+    parser.add_argument('--modes', nargs='+', default=MODES, choices=MODES + EXPORT_MODES)
     parser.add_argument('--batch-size', type=int, nargs='+', default=[32])
     parser.add_argument('--img-size', type=int, nargs='+', default=[224])
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -328,10 +410,14 @@ def main() -> None:
     task = 'inference' if args.task == 'infer' else 'training step (fwd+bwd+AdamW)'
     malloc = '' if args.device == 'cuda' else f'malloc {args.malloc}, '
     precision = 'fp32' if args.amp == 'none' else f'AMP {args.amp}'
-    title = (f'{time.strftime("%Y-%m-%d")}, {device_name}, {args.threads} threads, torch {torch.__version__}, '
+    runtimes = f'torch {torch.__version__}'
+    if 'onnxruntime' in args.modes:
+        import onnxruntime
+        runtimes += f', onnxruntime {onnxruntime.__version__}'
+    title = (f'{time.strftime("%Y-%m-%d")}, {device_name}, {args.threads} threads, {runtimes}, '
              f'{precision}, {malloc}{task} img/s')
     print('# ' + title)
-    modes = [m for m in args.modes if not (m == 'fused' and args.task == 'train')]
+    modes = [m for m in args.modes if not (m in INFERENCE_MODES and args.task == 'train')]
     specs = measurement_specs(args.models, modes, args.batch_size, args.img_size, args.dwconv_impl) * args.repeat
     runs = []
     for r in run_measurements(specs, args.task, args.device, args.min_seconds, args.threads, args.malloc, args.amp,
@@ -341,6 +427,9 @@ def main() -> None:
     results = median_runs(runs)
     print()
     print('\n'.join(table_lines(results, modes)))
+    if any('opset' in r for r in results):
+        print()
+        print('\n'.join(export_lines(results)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.plot:
