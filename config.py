@@ -23,7 +23,10 @@ _C.BASE = ['']  # yaml files this one builds on, relative to it
 # -----------------------------------------------------------------------------------------------
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # images per GPU (per process) per step
-_C.DATA.DATA_PATH = ''  # ImageFolder root holding train/ and val/
+_C.DATA.DATA_PATH = ''  # data root: an ImageFolder root (train/ and val/) or shards (index.json); a path or URL
+_C.DATA.FORMAT = 'auto'  # 'folder', 'shards' (written by python -m data.shards) or 'auto' (shards where index.json is)
+_C.DATA.LOADER = 'torch'  # 'torch' (DataLoader workers, PIL) or 'dali' (NVIDIA DALI: GPU decoding, CPU on --device cpu)
+_C.DATA.SHARD_CACHE = ''  # local folder for shards read from a URL or pipe: (default ~/.cache/fat/shards)
 _C.DATA.DATASET = 'imagenet'  # 'imagenet' (any ImageFolder) or 'digits' (made from scikit-learn when DATA_PATH is empty)
 _C.DATA.IMG_SIZE = 224  # training and test resolution
 _C.DATA.IN_CHANS = 3  # image channels fed to the model
@@ -143,6 +146,8 @@ _CHOICES = {
     'AMP_DTYPE': ('bf16', 'fp16'),
     'MODEL.DWCONV_IMPL': ('auto', 'torch', 'cuda'),
     'DATA.DATASET': ('imagenet', 'digits'),
+    'DATA.FORMAT': ('auto', 'folder', 'shards'),
+    'DATA.LOADER': ('torch', 'dali'),
     'DATA.INTERPOLATION': ('random', 'nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'poly', 'step', 'multistep'),
@@ -154,13 +159,15 @@ _MINIMA = {'DATA.BATCH_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'PRINT_FREQ': 1,
 
 # Keys that only image classification (main.py) reads; detection and segmentation drop them.
 CLASSIFICATION_ONLY = ('AUG', 'TEST', 'MODEL.LABEL_SMOOTHING', 'MODEL.DROP_RATE', 'DATA.IMG_SIZE',
-                       'DATA.INTERPOLATION', 'DATA.SKIP_CORRUPT', 'THROUGHPUT_MODE', 'REPARAM', 'COMPILE',
+                       'DATA.INTERPOLATION', 'DATA.SKIP_CORRUPT', 'DATA.FORMAT', 'DATA.LOADER',
+                       'DATA.SHARD_CACHE', 'THROUGHPUT_MODE', 'REPARAM', 'COMPILE',
                        'CHANNELS_LAST', 'EXPORT')
 
 # Command-line flags: flag -> (config key, value set by the switch or None when the flag takes one, help).
 _FLAGS: Dict[str, Tuple[str, object, str]] = {
     '--batch-size': ('DATA.BATCH_SIZE', None, 'images per process per step'),
-    '--data-path': ('DATA.DATA_PATH', None, 'data root (train/ and val/ for classification)'),
+    '--data-path': ('DATA.DATA_PATH', None, 'data root (train/ and val/ for classification, or their shards: '
+                                            'a folder, URL or pipe:)'),
     '--pretrained': ('MODEL.PRETRAINED', None, 'weights to start from (the classifier is re-initialised)'),
     '--resume': ('MODEL.RESUME', None, 'checkpoint to resume, or to evaluate with --eval'),
     '--accumulation-steps': ('TRAIN.ACCUMULATION_STEPS', None, 'micro-batches per optimizer step'),

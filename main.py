@@ -31,14 +31,15 @@ from utils import (CheckpointError, all_reduce, amp_dtype, autocast, load_checkp
 
 
 class Classification(engine.Task):
-    """ImageFolder classification: timm augmentation and Mixup/CutMix, cross-entropy, top-1 / top-5."""
+    """Image classification (ImageFolders or their shards): timm augmentation and Mixup/CutMix,
+    cross-entropy, top-1 / top-5."""
 
     primary_metric = 'acc1'
 
     def build_data(self) -> engine.TaskData:
         config = self.config
-        dataset_train, dataset_val, loader_train, loader_val = build_loader(config)
-        classes = dataset_train.classes
+        data = build_loader(config)
+        classes = data.classes
         if len(classes) != config.MODEL.NUM_CLASSES:
             self.logger.info(f'the data has {len(classes)} classes: MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES} '
                              f'-> {len(classes)}')
@@ -47,8 +48,8 @@ class Classification(engine.Task):
             config.freeze()
         self.build_loss(len(classes))
         return engine.TaskData(
-            loader_train, loader_val, identity={'classes': list(classes), 'train_images': len(dataset_train)},
-            description=f'{len(dataset_train)} training and {len(dataset_val)} validation images, {len(classes)} classes')
+            data.train, data.val, identity={'classes': list(classes), 'train_images': data.train_images},
+            description=f'{data.train_images} training and {data.val_images} validation images, {len(classes)} classes')
 
     def build_loss(self, num_classes: int) -> None:
         """Mixup/CutMix (as AUG configures them) and the training criterion that fits them."""

@@ -1,22 +1,25 @@
-"""Samplers, per-sample seeding and the one DataLoader builder that every task uses, plus the
-ImageFolder data of image classification (timm transforms, Mixup/CutMix)."""
+"""Samplers, per-sample seeding and the one DataLoader builder that every task uses, plus the data of
+image classification: ImageFolders or their shards (data/shards.py), timm transforms, Mixup/CutMix,
+and the choice of loader (PyTorch's, or NVIDIA DALI's in data/dali.py)."""
 from __future__ import annotations
 
 import logging
 import os
 import random
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from torchvision import datasets
 
 from utils import DataError, SampleError, is_distributed, rank_world
 
 from .digits import materialize_digits
+from .shards import ShardDataset, ShardSet, SkippingReader, is_remote, is_shard_location
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
-class ShardSampler(Sampler[int]):
+class EvalSampler(Sampler[int]):
     """Every rank takes indices rank, rank + world, ...: each sample is seen exactly once in total,
     so all-reduced sums give exact evaluation metrics (DistributedSampler pads with repeats)."""
 
@@ -59,20 +62,31 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-@contextmanager
-def _seeded(seed: int):
-    """Seed python, numpy and torch for one sample, then put their previous states back (loading
-    in the main process must not disturb the training RNG)."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+def _seed_everything(seed: int) -> None:
+    """Seed the generators the transforms draw from: python's, numpy's and torch's CPU generator
+    (``torch.manual_seed`` would also visit every accelerator's, at ~100 us a sample)."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+@contextmanager
+def _seeded(seed: int):
+    """Seed for one sample. In the main process (DATA.NUM_WORKERS 0) the previous states are put
+    back afterwards: loading must not disturb the training RNG. A worker's own states matter to no
+    one, so it skips saving them."""
+    if get_worker_info() is not None:
+        _seed_everything(seed)
+        yield
+        return
+    states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    _seed_everything(seed)
     try:
         yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+        torch.default_generator.set_state(states[2])
 
 
 class SeededSamples(Dataset):
@@ -120,46 +134,33 @@ def build_eval_loader(dataset, config, batch_size: Optional[int] = None,
                       collate_fn: Optional[Callable] = None) -> DataLoader:
     """This process's share of ``dataset`` for evaluation: every sample once over all processes."""
     rank, world_size = rank_world()
-    return DataLoader(dataset, sampler=ShardSampler(len(dataset), rank, world_size),
+    return DataLoader(dataset, sampler=EvalSampler(len(dataset), rank, world_size),
                       batch_size=batch_size or config.DATA.BATCH_SIZE, collate_fn=collate_fn, **loader_kwargs(config))
 
 
 # --- image classification -------------------------------------------------------------------------
 
-class ImageFolder(datasets.ImageFolder):
+class ImageFolder(SkippingReader, datasets.ImageFolder):
     """torchvision's ImageFolder whose errors name the folder or file: an unreadable image raises
     :class:`SampleError`, or with ``skip_corrupt`` is replaced by the next readable one and
     counted."""
 
     def __init__(self, root: str, transform, skip_corrupt: bool = False):
         try:
-            super().__init__(root, transform=transform)
+            datasets.ImageFolder.__init__(self, root, transform=transform)
         except FileNotFoundError as error:  # no class folders, or a class folder without images
             raise DataError(f'{root}: {error}') from error
         self.skip_corrupt = skip_corrupt
-        self.skipped = 0
 
-    def _load(self, index: int):
-        path = self.samples[index][0]
+    def describe(self) -> str:
+        return self.root
+
+    def _load(self, position: int):
+        path, target = self.samples[position]
         try:
-            return self.loader(path)
+            return self.loader(path), target
         except (OSError, ValueError) as error:
             raise SampleError(f'cannot read image {path}: {error}') from error
-
-    def __getitem__(self, index: int):
-        for attempt in range(len(self.samples)):
-            position = (index + attempt) % len(self.samples)
-            try:
-                image = self._load(position)
-            except SampleError as error:
-                if not self.skip_corrupt:
-                    raise
-                self.skipped += 1
-                logger.warning(f'{error}; skipped (DATA.SKIP_CORRUPT), {self.skipped} so far in this worker')
-                continue
-            return self.transform(image), self.targets[position]
-        raise SampleError(f'{self.root}: none of its {len(self.samples)} images can be read '
-                                    '(DATA.SKIP_CORRUPT skipped every one)')
 
 
 def build_transform(is_train: bool, config):
@@ -188,15 +189,33 @@ def resolve_data_path(config) -> str:
         if is_distributed():
             torch.distributed.barrier()
         return str(materialize_digits())
-    raise DataError('no data: set DATA.DATA_PATH (or --data-path) to an ImageFolder root with train/ and val/')
+    raise DataError('no data: set DATA.DATA_PATH (or --data-path) to an ImageFolder root with train/ and val/, '
+                    'or to shards written by python -m data.shards')
 
 
-def build_dataset(split: str, root: str, config) -> ImageFolder:
-    """The ImageFolder ``root/split`` with the transform for that split."""
+def reads_shards(root: str, config) -> bool:
+    """Whether the data at ``root`` are shards: DATA.FORMAT says so, or with 'auto' an index.json is there."""
+    if config.DATA.FORMAT == 'auto':
+        return is_shard_location(root)
+    if config.DATA.FORMAT == 'folder' and is_remote(root):
+        raise DataError(f'{root}: DATA.FORMAT folder reads local folders only; a URL or pipe: location holds shards')
+    return config.DATA.FORMAT == 'shards'
+
+
+def folder_of(root: str, split: str) -> str:
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        raise DataError(f'data folder not found: {folder} (DATA.DATA_PATH must hold train/ and val/ ImageFolders)')
-    return ImageFolder(folder, build_transform(split == 'train', config), skip_corrupt=config.DATA.SKIP_CORRUPT)
+        raise DataError(f'data folder not found: {folder} (DATA.DATA_PATH must hold train/ and val/ ImageFolders, '
+                        'or shards written by python -m data.shards)')
+    return folder
+
+
+def build_dataset(split: str, root: str, config, shards: Optional[ShardSet] = None):
+    """Split ``split`` of the ImageFolder ``root`` (or of ``shards``) with the transform for that split."""
+    transform = build_transform(split == 'train', config)
+    if shards is not None:
+        return ShardDataset(shards, split, transform, skip_corrupt=config.DATA.SKIP_CORRUPT)
+    return ImageFolder(folder_of(root, split), transform, skip_corrupt=config.DATA.SKIP_CORRUPT)
 
 
 def build_mixup(config, num_classes: int) -> Optional[Mixup]:
@@ -208,11 +227,50 @@ def build_mixup(config, num_classes: int) -> Optional[Mixup]:
                  label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=num_classes)
 
 
-def build_loader(config):
-    """(train set, val set, train loader, val loader) of an ImageFolder root for this process."""
+@dataclass
+class ClassificationData:
+    """A classification data set's two splits for this process."""
+    classes: List[str]
+    train_images: int
+    val_images: int
+    train: Iterable  # build_train_loader's (or the DALI loader's) resumable training batches
+    val: Iterable  # every validation sample once over all processes
+
+
+def _same_classes(train: List[str], val: List[str], root: str) -> None:
+    if train != val:
+        only = sorted(set(train) ^ set(val))
+        raise DataError(f'{root}: train and val have different class sets (in one only: {", ".join(only[:5])}'
+                        f'{" ..." if len(only) > 5 else ""})')
+
+
+def build_loader(config) -> ClassificationData:
+    """The training and validation data of an ImageFolder root or of shards, through PyTorch's
+    DataLoader or (DATA.LOADER dali) NVIDIA DALI."""
     root = resolve_data_path(config)
-    dataset_train = build_dataset('train', root, config)
-    dataset_val = build_dataset('val', root, config)
-    if dataset_val.classes != dataset_train.classes:
-        raise DataError(f'{root}: train/ and val/ have different class folders')
-    return dataset_train, dataset_val, build_train_loader(dataset_train, config), build_eval_loader(dataset_val, config)
+    shards = ShardSet(root, config.DATA.SHARD_CACHE) if reads_shards(root, config) else None
+    if config.DATA.LOADER == 'dali':
+        return _build_dali(config, root, shards)
+    dataset_train = build_dataset('train', root, config, shards)
+    dataset_val = build_dataset('val', root, config, shards)
+    _same_classes(dataset_train.classes, dataset_val.classes, root)
+    return ClassificationData(dataset_train.classes, len(dataset_train), len(dataset_val),
+                              build_train_loader(dataset_train, config), build_eval_loader(dataset_val, config))
+
+
+def _build_dali(config, root: str, shards: Optional[ShardSet]) -> ClassificationData:
+    from .dali import FolderSplit, ShardSplit, build_dali_loaders  # DALI is optional
+
+    def split_of(split: str):
+        if shards is not None:
+            return ShardSplit(tars=[str(p) for p in shards.local_paths(split)],
+                              indexes=[str(p) for p in shards.index_paths(split)],
+                              samples=shards.split(split)['samples'], classes=shards.classes(split))
+        folder = datasets.ImageFolder(folder_of(root, split))
+        return FolderSplit(samples=folder.samples, classes=folder.classes)
+
+    train, val = split_of('train'), split_of('val')
+    _same_classes(train.classes, val.classes, root)
+    train_loader, val_loader = build_dali_loaders(config, train, val)
+    return ClassificationData(train.classes, train_loader.num_samples, val_loader.num_samples, train_loader,
+                              val_loader)

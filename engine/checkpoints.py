@@ -23,8 +23,9 @@ from utils import (CHECKPOINT_BEST, CHECKPOINT_LAST, CheckpointError, atomic_sav
 CHECKPOINT_KEYS = ('model', 'optimizer', 'optimizer_params', 'scaler', 'epoch', 'step', 'steps_per_epoch',
                    'samples_per_step', 'best_metric', 'nonfinite_steps', 'rng', 'config', 'identity')
 # Keys that say how a run is launched, not what it trains: never reported as changed on resume.
-_LAUNCH_KEYS = ('MODEL.RESUME', 'EVAL_MODE', 'THROUGHPUT_MODE', 'OUTPUT', 'DATA.DATA_PATH', 'DATA.NUM_WORKERS',
-                'DATA.PREFETCH_FACTOR', 'DATA.PIN_MEMORY', 'DEVICE')
+# Folders and their shards hold the same samples in the same order (data/shards.py).
+_LAUNCH_KEYS = ('MODEL.RESUME', 'EVAL_MODE', 'THROUGHPUT_MODE', 'OUTPUT', 'DATA.DATA_PATH', 'DATA.FORMAT',
+                'DATA.SHARD_CACHE', 'DATA.NUM_WORKERS', 'DATA.PREFETCH_FACTOR', 'DATA.PIN_MEMORY', 'DEVICE')
 
 
 def load_weights(model: nn.Module, state: dict, path: str) -> None:

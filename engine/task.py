@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Iterable, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,11 @@ class Session:
 @dataclass
 class TaskData:
     """A task's data for this process."""
-    train: torch.utils.data.DataLoader  # data.build_train_loader: resumable, per-sample seeded
-    val: torch.utils.data.DataLoader  # data.build_eval_loader: every sample once over all processes
+    # data.build_train_loader (resumable, per-sample seeded), or any iterable with len() (batches per
+    # epoch, equal on every process) and sampler.set_epoch(epoch, skip); one that also has
+    # state_dict() / load_state_dict() (data/dali.py's) keeps its own position in the checkpoints.
+    train: Iterable
+    val: Iterable  # data.build_eval_loader: every sample once over all processes
     identity: dict  # what makes the data set itself (classes, size): a run folder holds one
     description: str  # one line for the log
 

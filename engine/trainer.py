@@ -302,7 +302,7 @@ class Trainer:
         names = {id(p): name for name, p in self.model.named_parameters()}
         return [names[id(p)] for group in self.optimizer.param_groups for p in group['params']]
 
-    def state_dict(self, rng_states: list) -> dict:
+    def state_dict(self, rng_states: list, loader_states: Optional[list]) -> dict:
         """Plain data only, so it loads with torch.load(..., weights_only=True)."""
         progress = self.progress
         return {
@@ -313,7 +313,7 @@ class Trainer:
             'samples_per_step': self.config.DATA.BATCH_SIZE * self.session.world_size,
             'best_metric': progress.best_metric, 'metrics': progress.metrics,
             'nonfinite_steps': int(self.nonfinite_steps), 'first_nonfinite': int(self.first_nonfinite),
-            'rng': rng_states, 'config': self.config.dump(), 'identity': self.identity,
+            'rng': rng_states, 'loader': loader_states, 'config': self.config.dump(), 'identity': self.identity,
         }
 
     def save(self, epoch_complete: bool, is_best: bool = False) -> None:
@@ -326,11 +326,15 @@ class Trainer:
                                      f'step {progress.step}; not saving them, the last good checkpoint in '
                                      f'{self.session.out_dir} is kept')
         rng_states = gather_objects(rng_state())
+        # A loader that keeps its own position (DALI's readers) saves it per process; the engine's
+        # sampler position (epoch, step) is all the PyTorch loader needs.
+        train = self.data.train
+        loader_states = gather_objects(train.state_dict()) if hasattr(train, 'state_dict') else None
         if self.session.rank == 0:
             periodic = epoch_complete and config.SAVE_FREQ > 0 and (
                 (progress.epoch + 1) % config.SAVE_FREQ == 0 or progress.epoch + 1 == config.TRAIN.EPOCHS)
-            checkpoints.write(self.session.out_dir, self.state_dict(rng_states), periodic, is_best, config.SAVE_KEEP,
-                              self.logger)
+            checkpoints.write(self.session.out_dir, self.state_dict(rng_states, loader_states), periodic, is_best,
+                              config.SAVE_KEEP, self.logger)
         if is_distributed():
             torch.distributed.barrier()
 
@@ -372,6 +376,13 @@ class Trainer:
         self.first_nonfinite.fill_(checkpoint['first_nonfinite'])
         if checkpoint['identity']['data'] != self.identity['data']:
             self.logger.warning(f'{path} was trained on other data ({self.identity["data"]} now); continuing as asked')
+        if hasattr(self.data.train, 'load_state_dict'):
+            states = checkpoint.get('loader')
+            if states is not None and len(states) == session.world_size:
+                self.data.train.load_state_dict(states[session.rank])
+            else:
+                self.logger.warning(f'{path} holds no data-loader position for {session.world_size} process(es): '
+                                    f'the rest of epoch {progress.epoch} is read in a new order')
         rng_problem = checkpoints.describe_rng(checkpoint, session.world_size)
         if rng_problem:
             self.logger.warning(f'{path}: {rng_problem}')

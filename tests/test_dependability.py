@@ -92,8 +92,21 @@ def last_checkpoint(out: Path) -> dict:
 
 # --- exact resume, preemption ----------------------------------------------------------------------
 
-def test_sigkill_mid_epoch_after_a_checkpoint_then_same_command_ends_bitwise_identical(data, tmp_path, uninterrupted):
-    args = train_args(data, tmp_path, *EXACT_OPTS)
+@pytest.fixture(scope='module')
+def data_shards(data, tmp_path_factory) -> Path:
+    """``data`` converted to shards (python -m data.shards), a few samples per shard."""
+    from data.shards import convert
+    out = tmp_path_factory.mktemp('shards') / 'shards'
+    convert(str(data), str(out), shard_mb=0.01, log=lambda line: None)
+    return out
+
+
+@pytest.mark.parametrize('form', ['folder', 'shards'])
+def test_sigkill_mid_epoch_after_a_checkpoint_then_same_command_ends_bitwise_identical(form, data, tmp_path,
+                                                                                      uninterrupted, request):
+    # From shards, the same samples as from the folder: the uninterrupted folder run is the reference.
+    source = request.getfixturevalue('data_shards') if form == 'shards' else data
+    args = train_args(source, tmp_path, *EXACT_OPTS)
     log = tmp_path / 'fat_b0' / 'default' / 'log.txt'
     proc = start_main(*args)
     wait_for_log(log, 'Train: [1/3][3/6]', proc)  # epoch 0 is saved; epoch 1 is half done

@@ -335,3 +335,17 @@ def test_no_weight_decay_on_norms_and_biases():
     assert 'stem.norm.weight' in plain_names and 'head.bias' in plain_names
     assert 'stages.0.blocks.0.mlp.norm.weight' in plain_names
     assert len(decayed['params']) + len(plain['params']) == len(list(model.parameters()))
+
+
+def test_the_imagenet_training_transform_survives_randaugments_strongest_posterize():
+    # timm's PosterizeIncreasing at its top magnitude keeps 0 bits (~1 image in 640 with mstd0.5);
+    # Pillow 13 raises there, which stopped ImageNet training mid-epoch (requirements.txt keeps Pillow < 13).
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+    from data import build_transform
+    transform = build_transform(True, get_config(argparse.Namespace(cfg=str(ROOT / 'configs' / 'fat_b0_224.yaml'),
+                                                                   opts=None)))
+    rand_augment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    posterize = next(op for op in rand_augment.ops if op.name == 'PosterizeIncreasing')
+    posterize.prob, posterize.magnitude, posterize.magnitude_std = 1.0, 10, 0  # 10: timm's top level
+    assert posterize(Image.new('RGB', (8, 8), (200, 100, 50))).getpixel((0, 0)) == (0, 0, 0)

@@ -1,0 +1,585 @@
+"""WebDataset shards of an ImageFolder root: written by ``python -m data.shards``, read map-style.
+
+    python -m data.shards --data-path /data/imagenet --output /data/imagenet-shards
+
+Layout of the output folder (the index is written last: without it the conversion is unfinished)::
+
+    index.json         classes, label digits, and per split its shards: name, samples, bytes, sha256
+    train-000000.tar   WebDataset samples: KEY.jpg (the original encoded bytes; the original suffix) and
+    train-000000.idx   KEY.cls (the class index, zero-padded ASCII); beside each tar, DALI's index (wds2idx)
+
+KEY is the sample's position in torchvision's ImageFolder order of the source split. The samples are
+stored in a shuffled order (so that streaming readers, DALI's among them, see mixed classes), and the
+reader maps position -> (shard, byte range) through the ``.idx`` files: sample i of the shards is
+sample i of the folder. The engine's sampler and per-sample seeding therefore work unchanged
+(exact epochs, exact resume), and a run on the shards trains on the very batches a run on the
+folders would. Why map-style rather than streaming: a streaming reader would need its own answer to
+"every sample once per epoch over all processes" and "continue mid-epoch"; indexed random access
+keeps the one answer the engine already has. The cost is random reads within shards, which local
+disks and page caches serve well; remote shards are cached whole on local disk (below).
+
+A location is a local folder, an ``http(s)://`` URL of the folder, or ``pipe:COMMAND`` where COMMAND
+prints a file to stdout and ``{}`` stands for its name, e.g.
+``pipe:aws s3 cp s3://bucket/imagenet-shards/{} -``. Remote files are fetched once into a local cache
+(DATA.SHARD_CACHE) under a file lock, so that the processes and workers of a node share one copy.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import subprocess
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from utils import DataError, SampleError
+
+logger = logging.getLogger(__name__)
+
+INDEX = 'index.json'
+FORMAT = 'fat-shards'
+VERSION = 1
+STATE = '.conversion.json'  # the parameters of a conversion in progress (removed when it completes)
+DEFAULT_SHARD_MB = 256
+FETCH_THREADS = 8  # files of a remote location fetched at once
+DEFAULT_CACHE = Path(os.environ.get('FAT_DATA_CACHE', Path.home() / '.cache' / 'fat')) / 'shards'
+_BLOCK = 512  # tar block size
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith(('http://', 'https://', 'pipe:'))
+
+
+def is_shard_location(location: str) -> bool:
+    """Whether ``location`` holds shards: any URL or pipe:, or a local folder with an index.json (or
+    the leftovers of an unfinished conversion)."""
+    return is_remote(location) or any(os.path.isfile(os.path.join(location, name)) for name in (INDEX, STATE))
+
+
+def shard_name(split: str, number: int, suffix: str = '.tar') -> str:
+    return f'{split}-{number:06d}{suffix}'
+
+
+def index_name(tar_name: str) -> str:
+    return tar_name[:-len('.tar')] + '.idx'
+
+
+# --- fetching ------------------------------------------------------------------------------------
+
+class Fetcher:
+    """Local paths of the files of a shard location: the location's own for a local folder, else
+    copies fetched once into ``cache_dir/<hash of the location>/`` (the index, fetched afresh every
+    run) and ``.../<hash of the index>/`` (the rest: shards converted again get a new folder)."""
+
+    def __init__(self, location: str, cache_dir: str = ''):
+        self.location = location
+        if is_remote(location):
+            if location.startswith('pipe:') and '{}' not in location:
+                raise DataError(f'{location}: a pipe: location needs {{}} where the file name goes, e.g. '
+                                '"pipe:aws s3 cp s3://bucket/shards/{} -"')
+            self.folder = Path(cache_dir or DEFAULT_CACHE) / hashlib.sha256(location.encode()).hexdigest()[:16]
+            self.folder.mkdir(parents=True, exist_ok=True)
+        else:
+            self.folder = Path(location)
+
+    def index(self) -> Optional[bytes]:
+        """The location's index.json (None when it has none); for a remote location, fetched afresh
+        and the cache folder of this version of the index chosen."""
+        if not is_remote(self.location):
+            path = self.folder / INDEX
+            return path.read_bytes() if path.exists() else None
+        content = self.path(INDEX, refresh=True).read_bytes()
+        self.folder = self.folder / hashlib.sha256(content).hexdigest()[:16]
+        self.folder.mkdir(exist_ok=True)
+        return content
+
+    def describe(self, name: str) -> str:
+        """Where ``name`` comes from, for messages."""
+        if self.location.startswith('pipe:'):
+            return self.location[len('pipe:'):].replace('{}', name)
+        if is_remote(self.location):
+            return self.location.rstrip('/') + '/' + name
+        return str(self.folder / name)
+
+    def path(self, name: str, refresh: bool = False, expect_bytes: Optional[int] = None,
+             sha256: Optional[str] = None) -> Path:
+        """The local path of ``name``, fetched first when remote (again with ``refresh``). A fetched
+        file of another size or hash than expected is refused (and not kept)."""
+        path = self.folder / name
+        if not is_remote(self.location) or (path.exists() and not refresh):
+            return path
+        with open(self.folder / f'{name}.lock', 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per node; the others wait and find the file
+            if path.exists() and not refresh:
+                return path
+            partial = self.folder / f'{name}.partial{os.getpid()}'
+            try:
+                digest = self._fetch(name, partial)
+                got = partial.stat().st_size
+                if expect_bytes is not None and got != expect_bytes:
+                    raise DataError(f'{self.describe(name)}: fetched {got} bytes, {INDEX} says {expect_bytes} '
+                                    '(truncated or replaced)')
+                if sha256 is not None and digest != sha256:
+                    raise DataError(f'{self.describe(name)}: its sha256 differs from {INDEX}\'s (corrupt or replaced)')
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+        return path
+
+    def _fetch(self, name: str, destination: Path) -> str:
+        """Copy ``name`` to ``destination``; returns its sha256."""
+        source = self.describe(name)
+        digest = hashlib.sha256()
+        with open(destination, 'wb') as out:
+            if self.location.startswith('pipe:'):
+                proc = subprocess.Popen(source, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                _copy(proc.stdout, out, digest)
+                stderr = proc.stderr.read().decode(errors='replace').strip()
+                if proc.wait() != 0:
+                    last = stderr.splitlines()[-1] if stderr else 'no message'
+                    raise DataError(f'cannot fetch {name}: `{source}` exited with status {proc.returncode}: {last}')
+            else:
+                try:
+                    with urllib.request.urlopen(source, timeout=60) as response:
+                        _copy(response, out, digest)
+                except (urllib.error.URLError, OSError) as error:
+                    reason = getattr(error, 'reason', None) or error
+                    raise DataError(f'cannot fetch {source}: {reason}') from error
+        return digest.hexdigest()
+
+
+def _copy(source, out, digest) -> None:
+    while True:
+        chunk = source.read(1 << 20)
+        if not chunk:
+            return
+        digest.update(chunk)
+        out.write(chunk)
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+@dataclass
+class SplitLayout:
+    """Where every sample of a split lies, by position in the source's ImageFolder order."""
+    shard: np.ndarray  # int32: which shard
+    image: np.ndarray  # int64 (n, 2): byte offset and size of the encoded image
+    label: np.ndarray  # int64 (n, 2): byte offset and size of the .cls member
+    suffix: List[str]  # the image member's suffix, per sample
+
+
+class ShardSet:
+    """The shards at a location (see the module's docstring), checked against their index."""
+
+    def __init__(self, location: str, cache_dir: str = ''):
+        self.fetcher = Fetcher(location, cache_dir)
+        self.location = location
+        content = self.fetcher.index()
+        if content is None:
+            partial = list(self.fetcher.folder.glob('*.tar')) or (self.fetcher.folder / STATE).exists()
+            raise DataError(f'{location}: no {INDEX}' + (': the conversion did not finish (run python -m data.shards '
+                                                         'again with the same arguments to complete it)' if partial
+                                                         else ''))
+        try:
+            self.index = json.loads(content)
+            assert self.index.get('format') == FORMAT, f'not a {FORMAT} index'
+            self.splits: Dict[str, dict] = self.index['splits']
+        except (ValueError, AssertionError, KeyError) as error:
+            raise DataError(f'{self.fetcher.describe(INDEX)}: unreadable shard index ({error})') from error
+
+    def split(self, split: str) -> dict:
+        if split not in self.splits:
+            raise DataError(f'{self.location}: no {split} split in {INDEX} (it has {", ".join(self.splits)})')
+        return self.splits[split]
+
+    def classes(self, split: str) -> List[str]:
+        return self.split(split)['classes']
+
+    def tar_path(self, split: str, shard: int) -> Path:
+        entry = self.split(split)['shards'][shard]
+        return self.fetcher.path(entry['name'], expect_bytes=entry['bytes'], sha256=entry['sha256'])
+
+    def check_tar(self, split: str, shard: int) -> Optional[str]:
+        """Why shard ``shard``'s tar cannot be read (missing, or of another size than the index says), or None."""
+        entry = self.split(split)['shards'][shard]
+        try:
+            size = self.tar_path(split, shard).stat().st_size
+        except FileNotFoundError:
+            return f'{self.fetcher.describe(entry["name"])} is missing'
+        if size != entry['bytes']:
+            return (f'{self.fetcher.describe(entry["name"])} is {size} bytes, {INDEX} says {entry["bytes"]}: '
+                    'truncated or replaced')
+        return None
+
+    def index_paths(self, split: str) -> List[Path]:
+        """The split's .idx files on local disk (fetched in parallel when remote: a pipe: command may
+        take a second to start)."""
+        names = [index_name(entry['name']) for entry in self.split(split)['shards']]
+        with ThreadPoolExecutor(FETCH_THREADS) as pool:
+            return list(pool.map(self.fetcher.path, names))
+
+    def local_paths(self, split: str) -> List[Path]:
+        """Every tar of ``split`` on local disk (fetched in parallel when remote), each checked against
+        the index."""
+        shards = range(len(self.split(split)['shards']))
+        with ThreadPoolExecutor(FETCH_THREADS) as pool:
+            problems = list(pool.map(lambda shard: self.check_tar(split, shard), shards))
+        for problem in problems:
+            if problem:
+                raise DataError(problem)
+        return [self.tar_path(split, shard) for shard in shards]
+
+    def layout(self, split: str) -> SplitLayout:
+        """Read the split's .idx files; they must agree with index.json and cover every position once."""
+        info = self.split(split)
+        n = info['samples']
+        shard_of = np.full(n, -1, dtype=np.int32)
+        image, label = np.zeros((n, 2), dtype=np.int64), np.zeros((n, 2), dtype=np.int64)
+        suffix = [''] * n
+        for number, (entry, path) in enumerate(zip(info['shards'], self.index_paths(split))):
+            where = self.fetcher.describe(index_name(entry['name']))
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as error:
+                raise DataError(f'{where}: cannot read the shard\'s index ({error.strerror})') from error
+            if len(lines) - 1 != entry['samples'] or lines[0] != f'v1.2 {entry["samples"]}':
+                raise DataError(f'{where} lists {len(lines) - 1} samples, {INDEX} says {entry["samples"]} for '
+                                f'{entry["name"]}: the index disagrees with its shards (convert again)')
+            for line in lines[1:]:
+                fields = line.split()
+                members = {fields[i]: fields[i:i + 4] for i in range(0, len(fields), 4)}
+                try:
+                    (ext, at, size, _), = [m for e, m in members.items() if e != 'cls']
+                    cls = members['cls']
+                    key = int(cls[3].split('.')[0])
+                    assert 0 <= key < n and shard_of[key] < 0
+                    image[key], label[key] = (int(at), int(size)), (int(cls[1]), int(cls[2]))
+                except (ValueError, KeyError, AssertionError):
+                    raise DataError(f'{where}: bad or repeated sample line {line!r}') from None
+                shard_of[key], suffix[key] = number, ext
+        if (shard_of < 0).any():
+            raise DataError(f'{self.location}: {int((shard_of < 0).sum())} {split} samples of {INDEX} are in no shard '
+                            '(the index disagrees with its shards; convert again)')
+        return SplitLayout(shard_of, image, label, suffix)
+
+
+class SkippingReader(Dataset):
+    """``(transform(image), target)`` by position, where a sample that cannot be read raises
+    :class:`SampleError`, or with ``skip_corrupt`` is replaced by the next readable one and counted.
+    Subclasses give ``_load(position) -> (PIL image, target)`` and ``describe()``."""
+
+    transform = None
+    skip_corrupt = False
+    skipped = 0
+
+    def _load(self, position: int):
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self)):
+            position = (index + attempt) % len(self)
+            try:
+                image, target = self._load(position)
+            except SampleError as error:
+                if not self.skip_corrupt:
+                    raise
+                self.skipped += 1
+                logger.warning(f'{error}; skipped (DATA.SKIP_CORRUPT), {self.skipped} so far in this worker')
+                continue
+            return self.transform(image), target
+        raise SampleError(f'{self.describe()}: none of its {len(self)} images can be read '
+                          '(DATA.SKIP_CORRUPT skipped every one)')
+
+
+class ShardDataset(SkippingReader):
+    """A split of a :class:`ShardSet` as a map-style data set: item i is item i of the source
+    ImageFolder. A shard that is missing or of another size than its index says stops the run
+    when the data set is built, naming it, or with ``skip_corrupt`` its samples are skipped."""
+
+    def __init__(self, shards: ShardSet, split: str, transform, skip_corrupt: bool = False):
+        self.shards, self.split, self.transform, self.skip_corrupt = shards, split, transform, skip_corrupt
+        self.classes = shards.classes(split)
+        self.layout = shards.layout(split)
+        self.num_shards = len(shards.split(split)['shards'])
+        self.broken: Dict[int, str] = {}  # shard -> why it cannot be read
+        if not is_remote(shards.location):  # remote shards are checked as they are fetched
+            for number in range(self.num_shards):
+                problem = shards.check_tar(split, number)
+                if problem and not skip_corrupt:
+                    raise DataError(f'{problem} (convert again, or set DATA.SKIP_CORRUPT to skip its samples)')
+                if problem:
+                    logger.warning(f'{problem}: its samples are skipped (DATA.SKIP_CORRUPT)')
+                    self.broken[number] = problem
+        self._files: Dict[int, int] = {}  # shard -> file descriptor, opened by the process that reads
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.layout.shard)
+
+    def describe(self) -> str:
+        return f'{self.shards.location} ({self.split})'
+
+    def _descriptor(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a worker forked with the parent's descriptors opens its own
+            self._files, self._pid = {}, os.getpid()
+        if shard not in self._files:
+            if shard in self.broken:
+                raise SampleError(self.broken[shard])
+            try:
+                self._files[shard] = os.open(self.shards.tar_path(self.split, shard), os.O_RDONLY)
+            except DataError as error:  # a remote shard that could not be fetched whole
+                self.broken[shard] = str(error)
+                raise SampleError(str(error)) from error
+        return self._files[shard]
+
+    def _load(self, position: int):
+        shard = int(self.layout.shard[position])
+        (image_at, image_size), (label_at, label_size) = self.layout.image[position], self.layout.label[position]
+        start, end = min(image_at, label_at), max(image_at + image_size, label_at + label_size)
+        data = os.pread(self._descriptor(shard), int(end - start), int(start))
+        name = self.shards.split(self.split)['shards'][shard]['name']
+        where = f'sample {position:09d}.{self.layout.suffix[position]} of shard {name}'
+        if len(data) != end - start:
+            raise SampleError(f'cannot read {where}: the shard ends early (truncated)')
+        try:
+            target = int(data[label_at - start:label_at - start + label_size])
+            with Image.open(io.BytesIO(data[image_at - start:image_at - start + image_size])) as image:
+                return image.convert('RGB'), target
+        except (OSError, ValueError) as error:
+            raise SampleError(f'cannot read {where}: {error}') from error
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state['_files'], state['_pid'] = {}, -1
+        return state
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def _tar_member(name: str, size: int) -> tarfile.TarInfo:
+    """A member header with fixed owner and times: a conversion writes the same bytes every time."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o644, 0
+    return info
+
+
+def _read(path: str) -> bytes:
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+class ShardWriter:
+    """Writes the shards of one split, each atomically: its tar is renamed into place after its .idx."""
+
+    def __init__(self, output: Path, split: str, label_digits: int):
+        self.output, self.split, self.label_digits = output, split, label_digits
+
+    def write(self, number: int, samples: Sequence[tuple], contents: Sequence[bytes]) -> dict:
+        """Write shard ``number`` of ``samples`` ((position, path, label)) with the files' ``contents``."""
+        name = shard_name(self.split, number)
+        partial = self.output / f'{name}.partial'
+        digest = hashlib.sha256()
+        lines = [f'v1.2 {len(samples)}']
+        with open(partial, 'wb') as raw:
+            with tarfile.open(fileobj=raw, mode='w', format=tarfile.USTAR_FORMAT) as tar:
+                for (position, path, label), data in zip(samples, contents):
+                    suffix = Path(path).suffix.lower().lstrip('.')
+                    line = []
+                    for member, payload in ((f'{position:09d}.{suffix}', data),
+                                            (f'{position:09d}.cls', f'{label:0{self.label_digits}d}'.encode())):
+                        line.append(f'{member.split(".", 1)[1]} {tar.offset + _BLOCK} {len(payload)} {member}')
+                        tar.addfile(_tar_member(member, len(payload)), io.BytesIO(payload))
+                    lines.append(' '.join(line))
+            raw.flush()
+            os.fsync(raw.fileno())
+        with open(partial, 'rb') as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        idx_partial = self.output / f'{index_name(name)}.partial'
+        idx_partial.write_text('\n'.join(lines) + '\n')
+        os.replace(idx_partial, self.output / index_name(name))
+        os.replace(partial, self.output / name)
+        return {'name': name, 'samples': len(samples), 'bytes': (self.output / name).stat().st_size,
+                'sha256': digest.hexdigest()}
+
+
+def _plan(samples: List[tuple], seed: int) -> List[tuple]:
+    """The order samples are stored in: shuffled with ``seed`` (the same every run)."""
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    return [(position, *samples[position]) for position in order]
+
+
+class ConversionState:
+    """``output/.conversion.json``: a conversion's arguments and the shards it completed, rewritten
+    atomically after each shard, so that a conversion run again continues after the last of them."""
+
+    def __init__(self, out: Path, parameters: dict, log):
+        self.path, self.done = out / STATE, {}
+        if self.path.exists():
+            previous = json.loads(self.path.read_text())
+            if previous['parameters'] != parameters:
+                raise DataError(f'{out} holds an unfinished conversion with other arguments '
+                                f'({previous["parameters"]}); finish it with those, or choose another --output')
+            self.done = previous['done']
+            log(f'continuing the unfinished conversion in {out}')
+        elif any(out.iterdir()):
+            raise DataError(f'{out} is not empty; choose a new folder for --output')
+        self.parameters = parameters
+        self._write()
+
+    def completed(self, out: Path, split: str) -> List[dict]:
+        """The shards of ``split`` already written whole (in order; a shard renamed into place but not
+        yet recorded is written again, to the same bytes)."""
+        kept = []
+        for entry in self.done.get(split, []):
+            tar = out / entry['name']
+            if not tar.exists() or tar.stat().st_size != entry['bytes']:
+                break
+            kept.append(entry)
+        return kept
+
+    def add(self, split: str, entry: dict) -> None:
+        self.done.setdefault(split, []).append(entry)
+        self._write()
+
+    def _write(self) -> None:
+        partial = self.path.with_name(self.path.name + '.partial')
+        partial.write_text(json.dumps({'parameters': self.parameters, 'done': self.done}))
+        os.replace(partial, self.path)
+
+
+def convert(data_path: str, output: str, shard_mb: float = DEFAULT_SHARD_MB, seed: int = 0,
+            splits: Sequence[str] = ('train', 'val'), threads: int = 8, log=print) -> dict:
+    """Write the shards of ``data_path``'s ImageFolder splits to ``output`` and return the index.
+    A conversion interrupted at any point continues when run again with the same arguments: complete
+    shards are kept (each is renamed into place whole), partial ones written again."""
+    source, out = Path(data_path), Path(output)
+    folders = {split: source / split for split in splits}
+    for split, folder in folders.items():
+        if not folder.is_dir():
+            raise DataError(f'{folder} not found: --data-path must hold {" and ".join(splits)} ImageFolders')
+    classes = {split: find_classes(str(folder))[0] for split, folder in folders.items()}
+    first = splits[0]
+    for split in splits[1:]:
+        if classes[split] != classes[first]:
+            only = sorted(set(classes[first]) ^ set(classes[split]))
+            raise DataError(f'{source}: {first}/ and {split}/ have different class folders (in one only: '
+                            f'{", ".join(only[:5])}{" ..." if len(only) > 5 else ""})')
+    if (out / INDEX).exists():
+        raise DataError(f'{out} already holds converted shards ({INDEX}); choose another --output')
+    out.mkdir(parents=True, exist_ok=True)
+    state = ConversionState(out, {'source': str(source.resolve()), 'shard_mb': shard_mb, 'seed': seed,
+                                  'splits': list(splits)}, log)
+    for leftover in out.glob('*.partial'):
+        leftover.unlink()
+    label_digits = len(str(max(len(classes[first]) - 1, 0)))
+    index = {'format': FORMAT, 'version': VERSION, 'label_digits': label_digits, 'splits': {}}
+    for split in splits:
+        log(f'{split}: listing {folders[split]}')
+        samples = make_dataset(str(folders[split]), {name: i for i, name in enumerate(classes[split])},
+                               extensions=IMG_EXTENSIONS)
+        log(f'{split}: {len(samples):,} images in {len(classes[split])} classes')
+        entries = _convert_split(out, split, _plan(samples, seed), state, label_digits, shard_mb * 2 ** 20, threads,
+                                 log)
+        index['splits'][split] = {'samples': len(samples), 'classes': classes[split], 'shards': entries}
+    (out / f'{INDEX}.partial').write_text(json.dumps(index, indent=1))
+    os.replace(out / f'{INDEX}.partial', out / INDEX)
+    state.path.unlink()
+    return index
+
+
+def _convert_split(out: Path, split: str, ordered: List[tuple], state: ConversionState, label_digits: int,
+                   shard_bytes: float, threads: int, log) -> List[dict]:
+    writer = ShardWriter(out, split, label_digits)
+    entries, cursor = state.completed(out, split), 0
+    for entry in entries:  # the source must still list what those shards hold, where they hold it
+        lines = (out / index_name(entry['name'])).read_text().splitlines()[1:]
+        if [int(line.split()[3].split('.')[0]) for line in lines] != [p for p, *_ in ordered[cursor:cursor + len(lines)]]:
+            raise DataError(f'{out / entry["name"]} does not hold the samples this conversion puts there (the source '
+                            'changed?); convert into a new folder')
+        cursor += len(lines)
+    if entries:
+        log(f'{split}: {len(entries)} shard(s), {cursor:,} images already written')
+    started, written, total_bytes, number = time.time(), 0, 0, len(entries)
+    last_report = [started]
+
+    def report(final: bool = False) -> None:  # a line at most every 10 s, and at the end
+        if final or time.time() - last_report[0] >= 10:
+            last_report[0] = time.time()
+            _progress(log, split, number, cursor + written, len(ordered), total_bytes, started)
+
+    def finish_shard() -> None:
+        nonlocal pending, contents, size, written, total_bytes, number
+        entry = writer.write(number, pending, contents)
+        state.add(split, entry)
+        entries.append(entry)
+        written, total_bytes, number = written + len(pending), total_bytes + size, number + 1
+        pending, contents, size = [], [], 0
+
+    pending: List[tuple] = []
+    contents: List[bytes] = []
+    size = 0
+    with ThreadPoolExecutor(threads) as pool:
+        for start in range(cursor, len(ordered), 256):  # read ahead in chunks; never all files at once
+            chunk = ordered[start:start + 256]
+            for sample, data in zip(chunk, pool.map(_read, [path for _, path, _ in chunk])):
+                pending.append(sample)
+                contents.append(data)
+                size += len(data) + 4 * _BLOCK
+                if size >= shard_bytes:
+                    finish_shard()
+                    report()
+    if pending:
+        finish_shard()
+    report(final=True)
+    return entries
+
+
+def _progress(log, split: str, shards: int, done: int, total: int, written: float, started: float) -> None:
+    elapsed = max(time.time() - started, 1e-6)
+    rate = written / elapsed
+    remaining = (total - done) * (written / max(done, 1)) / max(rate, 1e-6) if done < total else 0
+    log(f'{split}: {shards} shard(s), {done:,}/{total:,} images ({100 * done / max(total, 1):.1f}%), '
+        f'{rate / 2 ** 20:.1f} MB/s, about {int(remaining)} s left')
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description='Convert an ImageFolder root (train/ and val/) into WebDataset '
+                                                 'shards that main.py reads with --data-path OUTPUT.')
+    parser.add_argument('--data-path', required=True, help='ImageFolder root holding train/ and val/')
+    parser.add_argument('--output', required=True, help='new folder for the shards and their index')
+    parser.add_argument('--shard-size', type=float, default=DEFAULT_SHARD_MB, help='MB per shard (default 256)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the order samples are stored in')
+    parser.add_argument('--splits', nargs='+', default=['train', 'val'], help='sub-folders to convert')
+    parser.add_argument('--threads', type=int, default=8, help='threads reading the source files')
+    args = parser.parse_args(argv)
+    started = time.time()
+    index = convert(args.data_path, args.output, args.shard_size, args.seed, args.splits, args.threads)
+    counts = ', '.join(f'{split} {info["samples"]:,} images in {len(info["shards"])} shards'
+                       for split, info in index['splits'].items())
+    print(f'wrote {args.output}: {counts} ({time.time() - started:.0f} s)')
+
+
+if __name__ == '__main__':
+    from utils import run_entry_point
+    run_entry_point(main)
