@@ -35,6 +35,7 @@ import os
 import random
 import subprocess
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -148,12 +149,14 @@ class Fetcher:
         digest = hashlib.sha256()
         with open(destination, 'wb') as out:
             if self.location.startswith('pipe:'):
-                proc = subprocess.Popen(source, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                _copy(proc.stdout, out, digest)
-                stderr = proc.stderr.read().decode(errors='replace').strip()
-                if proc.wait() != 0:
-                    last = stderr.splitlines()[-1] if stderr else 'no message'
-                    raise DataError(f'cannot fetch {name}: `{source}` exited with status {proc.returncode}: {last}')
+                with tempfile.TemporaryFile() as stderr:  # a file: a chatty command cannot block on a full pipe
+                    proc = subprocess.Popen(source, shell=True, stdout=subprocess.PIPE, stderr=stderr)
+                    _copy(proc.stdout, out, digest)
+                    if proc.wait() != 0:
+                        stderr.seek(0)
+                        lines = stderr.read().decode(errors='replace').strip().splitlines()
+                        raise DataError(f'cannot fetch {name}: `{source}` exited with status {proc.returncode}: '
+                                        f'{lines[-1] if lines else "no message"}')
             else:
                 try:
                     with urllib.request.urlopen(source, timeout=60) as response:
