@@ -17,6 +17,8 @@ Parts, run in this order (``--part`` picks several; default all):
     train       the same for a training step (batch 128, fused AdamW), FAT's depthwise convs on PyTorch
                 and on ours (--dwconv-impl)
     throughput  main.py --throughput end to end (FAT-B0, batch 256, channels_last)
+    loaders     benchmarks/bench_loaders.py: data loaders' img/s and cores per GPU with FAT-B0's training
+                transforms: ours (folder, shards), DALI on CPU and DALI 'mixed' (GPU decoding)
 
 Each part catches its own failure: it is recorded and the next part runs. report.md and report.json in
 --out are rewritten after every part, and the dwconv, infer and train parts append their rows to
@@ -45,7 +47,7 @@ from typing import Callable, Dict, List, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PARTS = ['kernels', 'sanitizer', 'dwconv', 'infer', 'train', 'throughput']
+PARTS = ['kernels', 'sanitizer', 'dwconv', 'infer', 'train', 'throughput', 'loaders']
 # timm models beside FAT in infer and train (issue 14; bench_models.PEERS is the CPU tables' set)
 REPORT_PEERS = ['fastvit_t8', 'fastvit_t12', 'repvit_m0_9', 'repvit_m1_1', 'efficientformerv2_s1', 'edgenext_small',
                 'mobilevitv2_075', 'efficientvit_b1', 'mobilenetv4_conv_medium']
@@ -392,9 +394,27 @@ def part_throughput(run: Run) -> Part:
                 dict(lines=figures, rc=result['rc']), lines)
 
 
+def part_loaders(run: Run) -> Part:
+    cmd = [sys.executable, 'benchmarks/bench_loaders.py', '--json', str(run.out / 'loaders.json')]
+    if run.args.tiny:  # the script's own paths, in seconds: the images, the shards, one loader
+        cmd += ['--quick', '--images', '40', '--seconds', '1', '--workers', '1', '--loaders', 'shards', 'dali-mixed',
+                '--cache', str(run.out / 'loader_data')]
+    else:
+        cmd += ['--seconds', '10', '--workers', str(min(8, os.cpu_count() or 1)), '--loaders', 'folder', 'shards',
+                'dali-cpu', 'dali-mixed', 'dali-mixed-shards']
+    result = run_streamed(cmd, run.args.part_timeout)
+    table = [line for line in result['lines'] if line.startswith('|')]
+    failed = [line for line in table if 'not available' in line]
+    lines = [f"`{result['cmd'].replace(sys.executable, 'python')}`: rc {result['rc']}, {result['seconds']:.0f} s"
+             + (' (timed out)' if result['timed_out'] else ''), '', *table]
+    bad = result['rc'] != 0 or len(table) < 3 or failed
+    return Part('attention' if bad else 'ok', f"rc {result['rc']}, {max(len(table) - 2, 0)} rows"
+                + (f', {len(failed)} not available' if failed else ''), dict(table=table, rc=result['rc']), lines)
+
+
 PART_FUNCTIONS: Dict[str, Callable[[Run], Part]] = dict(
     kernels=part_kernels, sanitizer=part_sanitizer, dwconv=part_dwconv, infer=part_infer, train=part_train,
-    throughput=part_throughput)
+    throughput=part_throughput, loaders=part_loaders)
 
 
 def worker(args: argparse.Namespace) -> None:
