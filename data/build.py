@@ -3,7 +3,6 @@ image classification: ImageFolders or their shards (data/shards.py), timm transf
 and the choice of loader (PyTorch's, or NVIDIA DALI's in data/dali.py)."""
 from __future__ import annotations
 
-import logging
 import os
 import random
 from contextlib import contextmanager
@@ -20,8 +19,6 @@ from utils import DataError, SampleError, is_distributed, rank_world
 
 from .digits import materialize_digits
 from .shards import ShardDataset, ShardSet, SkippingReader, is_remote, is_shard_location
-
-logger = logging.getLogger(__name__)
 
 
 class ResumableSampler(DistributedSampler):

@@ -517,7 +517,8 @@ def _convert_split(out: Path, split: str, ordered: List[tuple], state: Conversio
     entries, cursor = state.completed(out, split), 0
     for entry in entries:  # the source must still list what those shards hold, where they hold it
         lines = (out / index_name(entry['name'])).read_text().splitlines()[1:]
-        if [int(line.split()[3].split('.')[0]) for line in lines] != [p for p, *_ in ordered[cursor:cursor + len(lines)]]:
+        stored = [int(line.split()[3].split('.')[0]) for line in lines]
+        if stored != [position for position, *_ in ordered[cursor:cursor + len(lines)]]:
             raise DataError(f'{out / entry["name"]} does not hold the samples this conversion puts there (the source '
                             'changed?); convert into a new folder')
         cursor += len(lines)

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_dependability import assert_one_line_error, assert_same_weights, last_checkpoint  # noqa: E402
+from test_dependability import assert_one_line_error  # noqa: E402
 from test_training import ROOT, make_image_folder, run_main, train_args  # noqa: E402
 
 from config import get_config  # noqa: E402
 from data.build import ImageFolder, build_loader  # noqa: E402
-from data.shards import ShardDataset, ShardSet, convert  # noqa: E402
+from data.shards import ShardDataset, ShardSet  # noqa: E402
 from utils import DataError, SampleError  # noqa: E402
 
 
@@ -97,8 +97,9 @@ def test_an_interrupted_conversion_continues_to_the_same_bytes(folder, shards, t
     source = tmp_path / 'source'
     shutil.copytree(folder, source)
     ordered = ImageFolder(str(source / 'train'), raw).samples
-    stored_order = [line.split()[3] for entry in json.loads((shards / 'index.json').read_text())['splits']['train']
-                    ['shards'] for line in (shards / entry['name'].replace('.tar', '.idx')).read_text().splitlines()[1:]]
+    entries = json.loads((shards / 'index.json').read_text())['splits']['train']['shards']
+    stored_order = [line.split()[3] for entry in entries
+                    for line in (shards / entry['name'].replace('.tar', '.idx')).read_text().splitlines()[1:]]
     blocker = Path(ordered[int(stored_order[len(stored_order) // 2].split('.')[0])][0])
     content = blocker.read_bytes()
     blocker.unlink()
