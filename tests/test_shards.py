@@ -212,9 +212,13 @@ def test_pipe_locations_run_the_command_per_file(shards, tmp_path):
         ShardSet('pipe:cat /nowhere/{}', cache_dir=str(tmp_path))
 
 
-def test_main_trains_from_a_url(shards, served, tmp_path):
-    proc = run_main(*train_args(served.url, tmp_path, 'DATA.SHARD_CACHE', str(tmp_path / 'cache')))
+def test_two_processes_train_from_a_url_and_fetch_each_file_once(shards, served, tmp_path):
+    # The processes of a node share the cache: each file is fetched by one of them (a file lock), the
+    # index by each. Mutation caught: fetching without the lock (files requested twice).
+    proc = run_main(*train_args(served.url, tmp_path, 'DATA.SHARD_CACHE', str(tmp_path / 'cache')), nproc=2)
     assert 'Accuracy of the network on the 9 test images' in proc.stdout
+    assert served.requests.pop('index.json') == 2
+    assert len(served.requests) == 2 * len(list(shards.glob('*.tar'))) and set(served.requests.values()) == {1}
 
 
 # --- bad input -------------------------------------------------------------------------------------
