@@ -5,7 +5,7 @@
 Layout of the output folder (the index is written last: without it the conversion is unfinished)::
 
     index.json         classes, label digits, and per split its shards: name, samples, bytes, sha256
-    train-000000.tar   WebDataset samples: KEY.jpg (the original encoded bytes; the original suffix) and
+    train-000000.tar   WebDataset samples: KEY.jpg (the original encoded bytes; png etc. keep their suffix) and
     train-000000.idx   KEY.cls (the class index, zero-padded ASCII); beside each tar, DALI's index (wds2idx)
 
 KEY is the sample's position in torchvision's ImageFolder order of the source split. The samples are
@@ -406,6 +406,7 @@ class ShardWriter:
             with tarfile.open(fileobj=raw, mode='w', format=tarfile.USTAR_FORMAT) as tar:
                 for (position, path, label), data in zip(samples, contents):
                     suffix = Path(path).suffix.lower().lstrip('.')
+                    suffix = 'jpg' if suffix in ('jpeg', 'jpe') else suffix  # WebDataset's name for JPEG
                     line = []
                     for member, payload in ((f'{position:09d}.{suffix}', data),
                                             (f'{position:09d}.cls', f'{label:0{self.label_digits}d}'.encode())):

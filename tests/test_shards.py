@@ -50,7 +50,7 @@ def folder(tmp_path_factory) -> Path:
     root = make_image_folder(tmp_path_factory.mktemp('folder'), classes=3, train_per_class=8, val_per_class=3)
     image = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
     cv2.imwrite(str(root / 'train' / 'class_1' / 'z.jpg'), image)
-    (root / 'train' / 'class_1' / 'z.jpg').rename(root / 'train' / 'class_1' / 'z.JPG')  # another suffix, kept
+    (root / 'train' / 'class_1' / 'z.jpg').rename(root / 'train' / 'class_1' / 'z.JPEG')  # ImageNet's suffix
     return root
 
 
@@ -71,7 +71,7 @@ def test_shards_hold_the_original_bytes_and_read_as_the_folder_reads(folder, sha
             members.update({m.name: tar.extractfile(m).read() for m in tar})
         assert hashlib.sha256((shards / entry['name']).read_bytes()).hexdigest() == entry['sha256']
     for position, (path, target) in enumerate(folder_train.samples):  # WebDataset layout, original bytes
-        suffix = Path(path).suffix.lower()
+        suffix = {'.jpeg': '.jpg'}.get(Path(path).suffix.lower(), Path(path).suffix.lower())
         assert members[f'{position:09d}{suffix}'] == Path(path).read_bytes()
         assert int(members[f'{position:09d}.cls']) == target
     sharded = ShardDataset(ShardSet(str(shards)), 'train', raw)
