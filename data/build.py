@@ -18,7 +18,7 @@ from torchvision import datasets
 from utils import DataError, SampleError, is_distributed, rank_world
 
 from .digits import materialize_digits
-from .shards import ShardDataset, ShardSet, SkippingReader, is_remote, is_shard_location
+from .shards import ShardDataset, ShardSet, SkippingReader, check_same_classes, is_remote, is_shard_location
 
 
 class ResumableSampler(DistributedSampler):
@@ -235,10 +235,7 @@ class ClassificationData:
 
 
 def _same_classes(train: List[str], val: List[str], root: str) -> None:
-    if train != val:
-        only = sorted(set(train) ^ set(val))
-        raise DataError(f'{root}: train and val have different class sets (in one only: {", ".join(only[:5])}'
-                        f'{" ..." if len(only) > 5 else ""})')
+    check_same_classes(train, val, f'{root}: train and val have different class sets')
 
 
 def build_loader(config) -> ClassificationData:
@@ -263,7 +260,7 @@ def _build_dali(config, root: str, shards: Optional[ShardSet]) -> Classification
             return ShardSplit(tars=[str(p) for p in shards.local_paths(split)],
                               indexes=[str(p) for p in shards.index_paths(split)],
                               samples=shards.split(split)['samples'], classes=shards.classes(split))
-        folder = datasets.ImageFolder(folder_of(root, split))
+        folder = ImageFolder(folder_of(root, split), transform=None)  # its listing errors name the folder
         return FolderSplit(samples=folder.samples, classes=folder.classes)
 
     train, val = split_of('train'), split_of('val')

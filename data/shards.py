@@ -81,6 +81,13 @@ def index_name(tar_name: str) -> str:
     return tar_name[:-len('.tar')] + '.idx'
 
 
+def check_same_classes(classes: List[str], others: List[str], problem: str) -> None:
+    """Stop with ``problem`` and the first classes in only one of the lists when they differ."""
+    if classes != others:
+        only = sorted(set(classes) ^ set(others))
+        raise DataError(f'{problem} (in one only: {", ".join(only[:5])}{" ..." if len(only) > 5 else ""})')
+
+
 # --- fetching ------------------------------------------------------------------------------------
 
 class Fetcher:
@@ -359,16 +366,18 @@ class ShardDataset(SkippingReader):
         (image_at, image_size), (label_at, label_size) = self.layout.image[position], self.layout.label[position]
         start, end = min(image_at, label_at), max(image_at + image_size, label_at + label_size)
         data = os.pread(self._descriptor(shard), int(end - start), int(start))
-        name = self.shards.split(self.split)['shards'][shard]['name']
-        where = f'sample {position:09d}.{self.layout.suffix[position]} of shard {name}'
         if len(data) != end - start:
-            raise SampleError(f'cannot read {where}: the shard ends early (truncated)')
+            raise SampleError(f'cannot read {self._where(position)}: the shard ends early (truncated)')
         try:
             target = int(data[label_at - start:label_at - start + label_size])
             with Image.open(io.BytesIO(data[image_at - start:image_at - start + image_size])) as image:
                 return image.convert('RGB'), target
         except (OSError, ValueError) as error:
-            raise SampleError(f'cannot read {where}: {error}') from error
+            raise SampleError(f'cannot read {self._where(position)}: {error}') from error
+
+    def _where(self, position: int) -> str:
+        name = self.shards.split(self.split)['shards'][int(self.layout.shard[position])]['name']
+        return f'sample {position:09d}.{self.layout.suffix[position]} of shard {name}'
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -390,6 +399,20 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+class _HashingWriter:
+    """A binary file that hashes what is written to it (the shard's sha256 without reading it back)."""
+
+    def __init__(self, raw):
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
 class ShardWriter:
     """Writes the shards of one split, each atomically: its tar is renamed into place after its .idx."""
 
@@ -400,10 +423,10 @@ class ShardWriter:
         """Write shard ``number`` of ``samples`` ((position, path, label)) with the files' ``contents``."""
         name = shard_name(self.split, number)
         partial = self.output / f'{name}.partial'
-        digest = hashlib.sha256()
         lines = [f'v1.2 {len(samples)}']
         with open(partial, 'wb') as raw:
-            with tarfile.open(fileobj=raw, mode='w', format=tarfile.USTAR_FORMAT) as tar:
+            hashed = _HashingWriter(raw)
+            with tarfile.open(fileobj=hashed, mode='w', format=tarfile.USTAR_FORMAT) as tar:
                 for (position, path, label), data in zip(samples, contents):
                     suffix = Path(path).suffix.lower().lstrip('.')
                     suffix = 'jpg' if suffix in ('jpeg', 'jpe') else suffix  # WebDataset's name for JPEG
@@ -415,15 +438,12 @@ class ShardWriter:
                     lines.append(' '.join(line))
             raw.flush()
             os.fsync(raw.fileno())
-        with open(partial, 'rb') as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
         idx_partial = self.output / f'{index_name(name)}.partial'
         idx_partial.write_text('\n'.join(lines) + '\n')
         os.replace(idx_partial, self.output / index_name(name))
         os.replace(partial, self.output / name)
         return {'name': name, 'samples': len(samples), 'bytes': (self.output / name).stat().st_size,
-                'sha256': digest.hexdigest()}
+                'sha256': hashed.digest.hexdigest()}
 
 
 def _plan(samples: List[tuple], seed: int) -> List[tuple]:
@@ -485,10 +505,8 @@ def convert(data_path: str, output: str, shard_mb: float = DEFAULT_SHARD_MB, see
     classes = {split: find_classes(str(folder))[0] for split, folder in folders.items()}
     first = splits[0]
     for split in splits[1:]:
-        if classes[split] != classes[first]:
-            only = sorted(set(classes[first]) ^ set(classes[split]))
-            raise DataError(f'{source}: {first}/ and {split}/ have different class folders (in one only: '
-                            f'{", ".join(only[:5])}{" ..." if len(only) > 5 else ""})')
+        check_same_classes(classes[first], classes[split],
+                           f'{source}: {first}/ and {split}/ have different class folders')
     if (out / INDEX).exists():
         raise DataError(f'{out} already holds converted shards ({INDEX}); choose another --output')
     out.mkdir(parents=True, exist_ok=True)

@@ -358,10 +358,13 @@ def test_empty_data_folder(tmp_path):
     assert_one_line_error(proc, str(tmp_path / 'data' / 'train'), 'class folder')
 
 
-def test_class_folder_without_images(tmp_path):
+@pytest.mark.parametrize('loader', ['torch', 'dali'])
+def test_class_folder_without_images(tmp_path, loader):
+    if loader == 'dali':
+        pytest.importorskip('nvidia.dali')
     data = make_image_folder(tmp_path / 'data', classes=2, train_per_class=4, val_per_class=2)
     (data / 'train' / 'class_9').mkdir()
-    proc = run_main(*train_args(data, tmp_path), check=False)
+    proc = run_main(*train_args(data, tmp_path, 'DATA.LOADER', loader), check=False)
     assert_one_line_error(proc, 'class_9')
 
 
