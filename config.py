@@ -27,6 +27,8 @@ _C.DATA.DATA_PATH = ''  # data root: an ImageFolder root (train/ and val/) or sh
 _C.DATA.FORMAT = 'auto'  # 'folder', 'shards' (written by python -m data.shards) or 'auto' (shards where index.json is)
 _C.DATA.LOADER = 'torch'  # 'torch' (DataLoader workers, PIL) or 'dali' (NVIDIA DALI: GPU decoding, CPU on --device cpu)
 _C.DATA.SHARD_CACHE = ''  # local folder for shards read from a URL or pipe: (default ~/.cache/fat/shards)
+_C.DATA.FETCH_RETRIES = 4  # a failed fetch of a remote file (5xx, reset, pipe: command failed) is tried again this often
+_C.DATA.FETCH_TIMEOUT = 900  # seconds one remote file may take in all; no data for 60 s (or this, if less) also fails
 _C.DATA.DATASET = 'imagenet'  # 'imagenet' (any ImageFolder) or 'digits' (made from scikit-learn when DATA_PATH is empty)
 _C.DATA.IMG_SIZE = 224  # training and test resolution
 _C.DATA.IN_CHANS = 3  # image channels fed to the model
@@ -136,6 +138,7 @@ _C.SAVE_FREQ = 1  # write a ckpt_epoch_N.pth every SAVE_FREQ epochs (ckpt_last.p
 _C.SAVE_KEEP = 3  # keep the newest SAVE_KEEP ckpt_epoch_N.pth (0 keeps all); ckpt_last / ckpt_best always stay
 _C.PRINT_FREQ = 10  # micro-batches between log lines
 _C.SEED = 0  # random seed (offset by rank)
+_C.DIST_TIMEOUT = 30.0  # minutes a collective waits for the slowest process before the run fails (process group)
 _C.EVAL_MODE = False  # only evaluate MODEL.RESUME
 _C.THROUGHPUT_MODE = False  # only measure training and inference throughput (synthetic batches, no data)
 _C.EXPORT = ''  # only write the model (MODEL.RESUME's weights, else fresh) to this .onnx or .pt2 file, checked
@@ -155,12 +158,13 @@ _CHOICES = {
 }
 # Integer keys with a lower bound.
 _MINIMA = {'DATA.BATCH_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'PRINT_FREQ': 1, 'SAVE_FREQ': 0, 'SAVE_KEEP': 0,
-           'TRAIN.EPOCHS': 1, 'TRAIN.MAX_NONFINITE_STEPS': 0}
+           'TRAIN.EPOCHS': 1, 'TRAIN.MAX_NONFINITE_STEPS': 0, 'DATA.FETCH_RETRIES': 0, 'DATA.FETCH_TIMEOUT': 1,
+           'DIST_TIMEOUT': 0.01}
 
 # Keys that only image classification (main.py) reads; detection and segmentation drop them.
 CLASSIFICATION_ONLY = ('AUG', 'TEST', 'MODEL.LABEL_SMOOTHING', 'MODEL.DROP_RATE', 'DATA.IMG_SIZE',
                        'DATA.INTERPOLATION', 'DATA.SKIP_CORRUPT', 'DATA.FORMAT', 'DATA.LOADER',
-                       'DATA.SHARD_CACHE', 'THROUGHPUT_MODE', 'REPARAM', 'COMPILE',
+                       'DATA.SHARD_CACHE', 'DATA.FETCH_RETRIES', 'DATA.FETCH_TIMEOUT', 'THROUGHPUT_MODE', 'REPARAM', 'COMPILE',
                        'CHANNELS_LAST', 'EXPORT')
 
 # Command-line flags: flag -> (config key, value set by the switch or None when the flag takes one, help).
@@ -244,7 +248,10 @@ def _merge_file(config: CN, path: str, choices: dict, including: Tuple[str, ...]
     if real in including:
         raise ConfigError(f'{path}: BASE files include each other in a cycle')
     data = _load_yaml(path)
-    for base in data.get('BASE', ['']):
+    bases = data.get('BASE', [''])
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(f"{path}: BASE is {bases!r}; it must be a list of yaml files, e.g. BASE: ['base.yaml']")
+    for base in bases:
         if base:
             _merge_file(config, os.path.join(os.path.dirname(path), base), choices, including + (real,))
     config.defrost()
@@ -273,9 +280,9 @@ def _check(config: CN, source: str, choices: dict) -> None:
             raise ConfigError(f'{source}: {key} is {value}; it must be at least {minimum}')
     for key in ('MODEL.NAME', 'TAG'):
         value = _lookup(config, key)
-        if not value or value in ('.', '..') or '/' in value or '\\' in value:
+        if not value or value in ('.', '..') or '/' in value or '\\' in value or not value.isprintable():
             raise ConfigError(f'{source}: {key} is {value!r}; it names a folder inside OUTPUT, so it must be a '
-                              'plain name (no "/", not "." or "..")')
+                              'plain name (printable, no "/", not "." or "..")')
 
 
 def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] = None) -> None:

@@ -6,16 +6,22 @@ stack (``models``, ``data`` and ``config`` build on it, not the other way round)
 from __future__ import annotations
 
 import ctypes
-import glob
+import datetime
+import errno
+import fcntl
 import logging
 import os
 import random
 import re
 import resource
+import secrets
 import signal
+import socket
 import sys
+import threading
+import time
 from contextlib import nullcontext
-from typing import Callable, List, Optional, Tuple
+from typing import BinaryIO, Callable, List, Optional, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -75,9 +81,12 @@ def one_line(error: BaseException) -> str:
 
 def run_entry_point(entry: Callable[[], None]) -> None:
     """Run a command-line entry point. A stop signal exits with 128 + the signal after its message; a
-    :class:`ReportedError` prints one ``error:`` line (once per run, see ``every_rank``) and exits with 2;
-    ``--debug`` shows the traceback instead. The process group is destroyed where every process got
-    as far (a gloo group left to the interpreter's shutdown can abort the process)."""
+    :class:`ReportedError` prints one ``error:`` line and exits with 2: once per run when every process
+    met it (``every_rank``), else by the process that met it, naming its rank and host; ``--debug``
+    shows the traceback instead. A process whose collective failed because another process ended
+    says so in one line and exits with 1 (the other's error is the one to read). The process group is
+    destroyed where every process got as far (a gloo group left to the interpreter's shutdown can
+    abort the process)."""
     reporter = int(os.environ.get('RANK', 0)) == 0
     code, together = 0, True
     try:
@@ -89,20 +98,34 @@ def run_entry_point(entry: Callable[[], None]) -> None:
     except ReportedError as error:
         if '--debug' in sys.argv:
             raise
-        if reporter or not error.every_rank:
-            print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
+        if error.every_rank:
+            if reporter:
+                print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
+        else:
+            print(f'error: {one_line(error)}{where_suffix()}', file=sys.stderr, flush=True)
         code, together = 2, error.every_rank
+    except RuntimeError as error:
+        if '--debug' in sys.argv or not (is_distributed() and _PEER_GONE.search(str(error))):
+            raise
+        print(f'{where()}: stopping, another process of the run ended ({_PEER_GONE.search(str(error)).group(0)}); '
+              'its own message says why', file=sys.stderr, flush=True)
+        code, together = 1, False
     if together and is_distributed():
-        dist.destroy_process_group()
+        leave_process_group()
     if code:
         sys.exit(code)
 
 
+# What gloo says in a collective when another process of the run has exited.
+_PEER_GONE = re.compile(r'Connection closed by peer|Connection reset by peer')
+
+
 # --- processes ------------------------------------------------------------------------------------
 
-def init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
+def init_distributed(device_name: str, timeout_minutes: float = 30.0) -> Tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (single or multi node) joins the process group,
-    NCCL on CUDA and gloo on CPU; a plain ``python main.py`` runs as one process without one."""
+    NCCL on CUDA and gloo on CPU, whose collectives fail after ``timeout_minutes`` of waiting for the
+    slowest process; a plain ``python main.py`` runs as one process without one."""
     use_cuda = device_name == 'cuda' or (not device_name and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise UserInputError('DEVICE (--device) is cuda but no CUDA device is visible; use --device cpu')
@@ -111,7 +134,8 @@ def init_distributed(device_name: str) -> Tuple[int, int, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
     if 'RANK' in os.environ and int(os.environ.get('WORLD_SIZE', 1)) > 1:
-        dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None)
+        dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return *rank_world(), device
 
 
@@ -124,11 +148,40 @@ def rank_world() -> Tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
-def all_reduce(tensor: torch.Tensor, op: str = 'sum') -> torch.Tensor:
+def where() -> str:
+    """'rank R on HOST': which process of the run this is, for messages."""
+    return f'rank {rank_world()[0]} on {socket.gethostname()}'
+
+
+def where_suffix() -> str:
+    """' (rank R on HOST)' in a run of several processes, else ''."""
+    return f' ({where()})' if rank_world()[1] > 1 else ''
+
+
+_cpu_group = None
+
+
+def leave_process_group() -> None:
+    """Destroy the process group (and the CPU group made from it)."""
+    global _cpu_group
+    dist.destroy_process_group()
+    _cpu_group = None
+
+
+def cpu_group():
+    """A gloo group of all processes, for small CPU-side agreements that must not touch the device
+    (the world group itself on gloo runs); made once, by every process at the same point."""
+    global _cpu_group
+    if _cpu_group is None:
+        _cpu_group = dist.group.WORLD if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo')
+    return _cpu_group
+
+
+def all_reduce(tensor: torch.Tensor, op: str = 'sum', group=None) -> torch.Tensor:
     """``tensor`` reduced (``'sum'``, ``'max'`` or ``'min'``) over all processes, in place."""
     if is_distributed():
         dist.all_reduce(tensor, op={'sum': dist.ReduceOp.SUM, 'max': dist.ReduceOp.MAX,
-                                    'min': dist.ReduceOp.MIN}[op])
+                                    'min': dist.ReduceOp.MIN}[op], group=group)
     return tensor
 
 
@@ -141,13 +194,85 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def gather_objects(obj) -> list:
+def gather_objects(obj, group=None) -> list:
     """Every process's ``obj``, in rank order, on every process."""
     if not is_distributed():
         return [obj]
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+def agree(problem: Optional[ReportedError]) -> None:
+    """Every process says which reported error it met (None: none). If any met one, every process
+    raises the first of them (by rank), naming the processes that met it: rank 0 reports it once and
+    all stop together, however few met it (one node's unwritable folder, one node's failed fetch)."""
+    if not is_distributed():
+        if problem is not None:
+            raise problem
+        return
+    statement = None if problem is None else (type(problem), one_line(problem), socket.gethostname())
+    met = [(rank, found) for rank, found in enumerate(gather_objects(statement, group=cpu_group())) if found]
+    if not met:
+        return
+    kind, message, _ = met[0][1]
+    places = ', '.join(f'rank {rank} on {host}' for rank, (_, _, host) in met[:4]) + (' ...' if len(met) > 4 else '')
+    agreed = kind(f'{message} (on {len(met)} of {dist.get_world_size()} processes: {places})')
+    agreed.every_rank = True
+    raise agreed from problem
+
+
+T = TypeVar('T')
+PREPARE_REPORT_SECONDS = 30.0  # how often rank 0 says who is still preparing data
+_progress_note = ['']  # the newest note of a long preparation (shared by the threads of this process)
+
+
+def note_progress(text: str) -> None:
+    """Say how a long preparation (a data fetch) is going; :func:`prepare_together` shows it while
+    the other processes wait."""
+    _progress_note[0] = text
+
+
+def prepare_together(prepare: Callable[[], T], device: torch.device, logger: logging.Logger,
+                     poll_seconds: float = 1.0) -> T:
+    """``prepare()`` on every process, however long it takes on some of them (a node with a cold data
+    cache fetches for an hour while the others have theirs). It runs in a thread on ``device``, and
+    must not use the process group; meanwhile the processes exchange one small all-reduce every
+    ``poll_seconds``, so no collective ever waits long, and rank 0 logs every ``PREPARE_REPORT_SECONDS`` who
+    is still preparing and their latest :func:`note_progress`. Errors are agreed (:func:`agree`)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        if device.type == 'cuda':
+            torch.cuda.set_device(device)  # the current device is per thread
+        try:
+            outcome['value'] = prepare()
+        except ReportedError as error:
+            outcome['problem'] = error
+        except BaseException as error:  # noqa: B036 -- re-raised in the calling thread
+            outcome['crash'] = error
+
+    worker = threading.Thread(target=run, name='prepare', daemon=True)
+    worker.start()
+    if is_distributed():
+        last_report = time.monotonic()
+        while True:
+            worker.join(poll_seconds)
+            done = torch.tensor([int(not worker.is_alive())], dtype=torch.int32)
+            if all_reduce(done, 'min', group=cpu_group()).item():
+                break
+            if time.monotonic() - last_report >= PREPARE_REPORT_SECONDS:
+                last_report = time.monotonic()
+                states = gather_objects((not worker.is_alive(), socket.gethostname(), _progress_note[0]),
+                                        group=cpu_group())
+                waiting = [f'rank {rank} on {host}' + (f' ({note})' if note else '')
+                           for rank, (finished, host, note) in enumerate(states) if not finished]
+                logger.info(f'waiting for {len(waiting)} process(es) to prepare their data: {"; ".join(waiting[:4])}')
+    worker.join()
+    if 'crash' in outcome:
+        raise outcome['crash']
+    agree(outcome.get('problem'))
+    return outcome['value']
 
 
 def fit_cpu_threads(processes_on_this_machine: int) -> Optional[Tuple[int, int]]:
@@ -177,9 +302,7 @@ class StopSignal:
         self.signum = 0
         self.logger = logger
         self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
-        self._group = None
-        if is_distributed():
-            self._group = dist.group.WORLD if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo')
+        self._group = cpu_group() if is_distributed() else None
         self._pending: Optional[Tuple[object, torch.Tensor]] = None
 
     def _handle(self, signum, frame) -> None:
@@ -285,30 +408,33 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-# --- checkpoint files -----------------------------------------------------------------------------
+# --- files ----------------------------------------------------------------------------------------
 
-CHECKPOINT_LAST = 'ckpt_last.pth'
-CHECKPOINT_BEST = 'ckpt_best.pth'
-_EPOCH_CHECKPOINT = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
-_TEMPORARY = '.tmp'  # atomic writes go to NAME.tmpPID first
+_TEMPORARY = '.tmp'  # write_atomically writes NAME.tmpPID-RANDOM first
+_TEMPORARY_NAME = re.compile(rf'(.+){re.escape(_TEMPORARY)}\d+(-[0-9a-f]{{8}})?')
 
 
-def epoch_checkpoint_name(epoch: int) -> str:
-    return f'ckpt_epoch_{epoch}.pth'
+def write_atomically(path: str, write: Callable[[BinaryIO], None],
+                     check: Optional[Callable[[str], None]] = None) -> None:
+    """Make ``path`` by ``write(f)`` into a new temporary file beside it, flushed to disk, then
+    renamed over it: a crash leaves the old file or the new one, never a torn one, and a failed
+    ``write`` or ``check`` leaves the old one untouched. The temporary file is created, never
+    followed through a planted link, with the permissions the umask gives; ``f.name`` is its path, for
+    writers that take one. ``check(temporary path)`` may refuse the new content by raising."""
+    tmp = f'{path}{_TEMPORARY}{os.getpid()}-{secrets.token_hex(4)}'
+    def create(name: str, flags: int) -> int:  # a new file, whatever stands at ``name``
+        return os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
 
-
-def _atomic_write(path: str, write: Callable[[object], None], mode: str) -> None:
-    """``write`` to a temporary file beside ``path``, flushed to disk, then renamed over it: a crash
-    leaves the old file or the new one, never a torn one."""
-    tmp = f'{path}{_TEMPORARY}{os.getpid()}'
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, 'wb', opener=create) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
@@ -319,37 +445,84 @@ def _atomic_write(path: str, write: Callable[[object], None], mode: str) -> None
 
 def atomic_save(obj: dict, path: str) -> None:
     """torch.save ``obj`` to ``path`` atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f), 'wb')
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str) -> None:
     """Write ``text`` to ``path`` atomically."""
-    _atomic_write(path, lambda f: f.write(text), 'w')
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
-def remove_leftover_temporaries(out_dir: str) -> List[str]:
-    """Delete the temporary files that a save killed midway left in ``out_dir``; returns their names."""
-    left = [p for p in glob.glob(os.path.join(out_dir, f'*{_TEMPORARY}*'))
-            if re.fullmatch(rf'.+{re.escape(_TEMPORARY)}\d+', os.path.basename(p))]
-    for path in left:
-        os.remove(path)
-    return [os.path.basename(p) for p in left]
+def leftover_temporaries(folder: str) -> List[Tuple[str, str]]:
+    """(temporary file, the file it was to become) for every temporary of :func:`write_atomically`
+    in ``folder``: leftovers once nobody writes there."""
+    found = []
+    for name in os.listdir(folder):
+        match = _TEMPORARY_NAME.fullmatch(name)
+        if match:
+            found.append((os.path.join(folder, name), os.path.join(folder, match.group(1))))
+    return found
 
 
-def prune_epoch_checkpoints(out_dir: str, keep: int) -> List[str]:
-    """Delete all but the ``keep`` newest ckpt_epoch_N.pth of ``out_dir`` (0 keeps all); returns the
-    deleted names. ckpt_last.pth and ckpt_best.pth are never touched."""
-    numbered = sorted((int(m.group(1)), name) for name in os.listdir(out_dir)
-                      if (m := _EPOCH_CHECKPOINT.match(name)))
-    doomed = [name for _, name in numbered[:-keep]] if keep > 0 else []
-    for name in doomed:
-        os.remove(os.path.join(out_dir, name))
-    return doomed
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class FolderLock:
+    """An exclusive lock on ``folder/name`` held by this process while it lives, or None from
+    :meth:`try_take` when another process has it. A POSIX record lock (``lockf``): the kernel, or an
+    NFS server, ties it to the process itself, so it holds across containers whose processes have
+    equal PIDs and across machines on NFS, processes forked from the holder (loader workers, which
+    may outlive a killed holder by seconds) do not share it, and it is let go when the holder dies
+    however it dies. The holder (host, PID, time, Slurm job) is written into the file for the
+    message of whoever is refused."""
+
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path = fd, path
+
+    @classmethod
+    def try_take(cls, folder: str, name: str) -> Tuple[Optional['FolderLock'], str]:
+        """(the lock, '') or (None, what the file says of its holder). Raises OSError where the file
+        system has no locks."""
+        path = os.path.join(folder, name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 1000, 0).decode(errors='replace').strip()
+            os.close(fd)
+            return None, holder
+        owner = (f'host {socket.gethostname()}, pid {os.getpid()}, since '
+                 f'{datetime.datetime.now().isoformat(timespec="seconds")}'
+                 + (f', Slurm job {os.environ["SLURM_JOB_ID"]}' if 'SLURM_JOB_ID' in os.environ else ''))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner.encode() + b'\n', 0)
+        return cls(fd, path), ''
+
+
+# --- checkpoint files -----------------------------------------------------------------------------
+
+CHECKPOINT_LAST = 'ckpt_last.pth'
+CHECKPOINT_BEST = 'ckpt_best.pth'
+_EPOCH_CHECKPOINT = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    return f'ckpt_epoch_{epoch}.pth'
+
+
+def epoch_of_checkpoint_name(name: str) -> Optional[int]:
+    """N of ckpt_epoch_N.pth, else None."""
+    match = _EPOCH_CHECKPOINT.match(name)
+    return int(match.group(1)) if match else None
 
 
 def checkpoint_files(out_dir: str) -> List[str]:
     """The checkpoints of a run folder: ckpt_last.pth, ckpt_best.pth and ckpt_epoch_N.pth."""
-    names = [CHECKPOINT_LAST, CHECKPOINT_BEST] + [n for n in os.listdir(out_dir) if _EPOCH_CHECKPOINT.match(n)]
+    names = [CHECKPOINT_LAST, CHECKPOINT_BEST] + sorted(n for n in os.listdir(out_dir) if _EPOCH_CHECKPOINT.match(n))
     return [os.path.join(out_dir, n) for n in names if os.path.isfile(os.path.join(out_dir, n))]
 
 

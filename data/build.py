@@ -3,8 +3,11 @@ image classification: ImageFolders or their shards (data/shards.py), timm transf
 and the choice of loader (PyTorch's, or NVIDIA DALI's in data/dali.py)."""
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import random
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, List, Optional
@@ -15,10 +18,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from torchvision import datasets
 
-from utils import DataError, SampleError, is_distributed, rank_world
+from utils import DataError, SampleError, rank_world
 
 from .digits import materialize_digits
-from .shards import ShardDataset, ShardSet, SkippingReader, check_same_classes, is_remote, is_shard_location
+from .shards import (UNREADABLE_IMAGE, ShardDataset, ShardSet, SkippingReader, check_same_classes, is_remote,
+                     is_shard_location)
 
 
 class ResumableSampler(DistributedSampler):
@@ -104,10 +108,37 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM and SIGINT. Clusters signal every process of a job (Slurm) or
+    its whole process group (torchrun), workers included; a worker that died of it would take the run
+    down before the main process could save. The main process decides (utils.StopSignal)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _end_loader_workers() -> None:
+    """At exit, kill the loader workers that are still alive (a loader kept by a reference cycle):
+    multiprocessing's own exit handler would SIGTERM them, which they ignore, and then wait for them
+    for ever. PyTorch's SIGCHLD handler, which would report each as killed, is put aside first."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]  # DataLoader's are daemonic
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
+        worker.join()
+
+
+_exit_hook = []
+
+
 def loader_kwargs(config) -> dict:
     """The DataLoader arguments every loader of a run shares."""
     workers = config.DATA.NUM_WORKERS
+    if workers and not _exit_hook:
+        atexit.register(_end_loader_workers)  # after multiprocessing's, so it runs before it
+        _exit_hook.append(True)
     return dict(num_workers=workers, persistent_workers=workers > 0,
+                worker_init_fn=_leave_stop_signals_to_the_main_process if workers else None,
                 prefetch_factor=config.DATA.PREFETCH_FACTOR if workers else None,
                 pin_memory=config.DATA.PIN_MEMORY and config.DEVICE != 'cpu' and torch.cuda.is_available(),
                 # A private generator: creating loader iterators must not draw from the global RNG
@@ -156,7 +187,7 @@ class ImageFolder(SkippingReader, datasets.ImageFolder):
         path, target = self.samples[position]
         try:
             return self.loader(path), target
-        except (OSError, ValueError) as error:
+        except UNREADABLE_IMAGE as error:
             raise SampleError(f'cannot read image {path}: {error}') from error
 
 
@@ -181,11 +212,7 @@ def resolve_data_path(config) -> str:
     if config.DATA.DATA_PATH:
         return config.DATA.DATA_PATH
     if config.DATA.DATASET == 'digits':
-        if rank_world()[0] == 0:
-            materialize_digits()
-        if is_distributed():
-            torch.distributed.barrier()
-        return str(materialize_digits())
+        return str(materialize_digits())  # several processes at once: the first to finish is kept
     raise DataError('no data: set DATA.DATA_PATH (or --data-path) to an ImageFolder root with train/ and val/, '
                     'or to shards written by python -m data.shards')
 
@@ -242,7 +269,10 @@ def build_loader(config) -> ClassificationData:
     """The training and validation data of an ImageFolder root or of shards, through PyTorch's
     DataLoader or (DATA.LOADER dali) NVIDIA DALI."""
     root = resolve_data_path(config)
-    shards = ShardSet(root, config.DATA.SHARD_CACHE) if reads_shards(root, config) else None
+    shards = None
+    if reads_shards(root, config):
+        shards = ShardSet(root, config.DATA.SHARD_CACHE, config.DATA.FETCH_RETRIES, config.DATA.FETCH_TIMEOUT)
+        shards.prefetch(['val'] if config.EVAL_MODE else ['train', 'val'])  # an evaluation reads no train shard
     if config.DATA.LOADER == 'dali':
         return _build_dali(config, root, shards)
     dataset_train = build_dataset('train', root, config, shards)

@@ -549,6 +549,9 @@ def build_dali_loaders(config, train, val) -> Tuple[DaliTrainLoader, DaliEvalLoa
     gpu = config.DEVICE != 'cpu' and torch.cuda.is_available()
     device_id = torch.cuda.current_device() if gpu else None
     # Settings DALI cannot follow stop the run here rather than at the first batch.
+    if config.DATA.SKIP_CORRUPT:
+        raise ConfigError('DATA.SKIP_CORRUPT cannot be followed by DATA.LOADER dali: DALI stops at an image it cannot '
+                          'decode and does not say which; use DATA.LOADER torch to skip (and count) unreadable images')
     if config.DATA.INTERPOLATION not in INTERPOLATIONS:
         raise ConfigError(f'DATA.INTERPOLATION {config.DATA.INTERPOLATION} has no DALI counterpart: with DATA.LOADER '
                           f'dali use {", ".join(INTERPOLATIONS)}')

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +29,9 @@ def materialize(root: Path, write: Callable[[Path], None]) -> Path:
     root = Path(root)
     if (root / '.complete').exists():
         return root
-    tmp = root.with_name(f'{root.name}.tmp{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f'{root.name}.making-'))  # unique across containers too
+    tmp.chmod(0o755)  # as a plain mkdir would make it
     write(tmp)
     (tmp / '.complete').touch()
     try:

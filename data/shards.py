@@ -20,51 +20,49 @@ disks and page caches serve well; remote shards are cached whole on local disk (
 
 A location is a local folder, an ``http(s)://`` URL of the folder, or ``pipe:COMMAND`` where COMMAND
 prints a file to stdout and ``{}`` stands for its name, e.g.
-``pipe:aws s3 cp s3://bucket/imagenet-shards/{} -``. Remote files are fetched once into a local cache
-(DATA.SHARD_CACHE) under a file lock, so that the processes and workers of a node share one copy.
+``pipe:aws s3 cp s3://bucket/imagenet-shards/{} -``. Remote files are fetched into a local cache
+(DATA.SHARD_CACHE, data/fetch.py) before training starts, each checked against the index.
+
+The index is data from elsewhere: it is checked whole when read (``parse_index``), and every name in
+it must be a plain file name. Version 2 indexes (written since 2026-12) also give each ``.idx`` file's
+size and sha256, so that a remote ``.idx`` is checked like its tar; a version 1 index's ``.idx``
+files are fetched afresh every run.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import random
-import subprocess
+import re
 import tarfile
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from utils import DataError, SampleError
+from utils import DataError, SampleError, leftover_temporaries, write_atomically
+
+from .fetch import FETCH_THREADS, Fetcher, check_file_name, is_remote
 
 logger = logging.getLogger(__name__)
 
 INDEX = 'index.json'
 FORMAT = 'fat-shards'
-VERSION = 1
+VERSION = 2  # 2: each shard's entry also gives its .idx file's size and sha256
 STATE = '.conversion.json'  # the parameters of a conversion in progress (removed when it completes)
 DEFAULT_SHARD_MB = 256
-FETCH_THREADS = 8  # files of a remote location fetched at once
-DEFAULT_CACHE = Path(os.environ.get('FAT_DATA_CACHE', Path.home() / '.cache' / 'fat')) / 'shards'
 _BLOCK = 512  # tar block size
-
-
-def is_remote(location: str) -> bool:
-    return location.startswith(('http://', 'https://', 'pipe:'))
+_SHA256 = re.compile(r'[0-9a-f]{64}')
 
 
 def is_shard_location(location: str) -> bool:
@@ -88,99 +86,58 @@ def check_same_classes(classes: List[str], others: List[str], problem: str) -> N
         raise DataError(f'{problem} (in one only: {", ".join(only[:5])}{" ..." if len(only) > 5 else ""})')
 
 
-# --- fetching ------------------------------------------------------------------------------------
+# --- the index ------------------------------------------------------------------------------------
 
-class Fetcher:
-    """Local paths of the files of a shard location: the location's own for a local folder, else
-    copies fetched once into ``cache_dir/<hash of the location>/`` (the index, fetched afresh every
-    run) and ``.../<hash of the index>/`` (the rest: shards converted again get a new folder)."""
+def parse_index(content: bytes, where: str) -> dict:
+    """The index in ``content``, checked whole: an object of format ``fat-shards``, version 1 or 2,
+    each split with its sample count, class names and shards, each shard with a plain file name, its
+    sample count, size and sha256 (and, version 2, its .idx file's). One error line otherwise."""
+    def fail(problem: str):
+        raise DataError(f'{where}: {problem}; not a shard index written by python -m data.shards (convert again)')
 
-    def __init__(self, location: str, cache_dir: str = ''):
-        self.location = location
-        if is_remote(location):
-            if location.startswith('pipe:') and '{}' not in location:
-                raise DataError(f'{location}: a pipe: location needs {{}} where the file name goes, e.g. '
-                                '"pipe:aws s3 cp s3://bucket/shards/{} -"')
-            self.folder = Path(cache_dir or DEFAULT_CACHE) / hashlib.sha256(location.encode()).hexdigest()[:16]
-            self.folder.mkdir(parents=True, exist_ok=True)
-        else:
-            self.folder = Path(location)
+    def count(value, what: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            fail(f'{what} is {value!r}, not a count')
+        return value
 
-    def index(self) -> Optional[bytes]:
-        """The location's index.json (None when it has none); for a remote location, fetched afresh
-        and the cache folder of this version of the index chosen."""
-        if not is_remote(self.location):
-            path = self.folder / INDEX
-            return path.read_bytes() if path.exists() else None
-        content = self.path(INDEX, refresh=True).read_bytes()
-        self.folder = self.folder / hashlib.sha256(content).hexdigest()[:16]
-        self.folder.mkdir(exist_ok=True)
-        return content
-
-    def describe(self, name: str) -> str:
-        """Where ``name`` comes from, for messages."""
-        if self.location.startswith('pipe:'):
-            return self.location[len('pipe:'):].replace('{}', name)
-        if is_remote(self.location):
-            return self.location.rstrip('/') + '/' + name
-        return str(self.folder / name)
-
-    def path(self, name: str, refresh: bool = False, expect_bytes: Optional[int] = None,
-             sha256: Optional[str] = None) -> Path:
-        """The local path of ``name``, fetched first when remote (again with ``refresh``). A fetched
-        file of another size or hash than expected is refused (and not kept)."""
-        path = self.folder / name
-        if not is_remote(self.location) or (path.exists() and not refresh):
-            return path
-        with open(self.folder / f'{name}.lock', 'w') as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per node; the others wait and find the file
-            if path.exists() and not refresh:
-                return path
-            partial = self.folder / f'{name}.partial{os.getpid()}'
-            try:
-                digest = self._fetch(name, partial)
-                got = partial.stat().st_size
-                if expect_bytes is not None and got != expect_bytes:
-                    raise DataError(f'{self.describe(name)}: fetched {got} bytes, {INDEX} says {expect_bytes} '
-                                    '(truncated or replaced)')
-                if sha256 is not None and digest != sha256:
-                    raise DataError(f'{self.describe(name)}: its sha256 differs from {INDEX}\'s (corrupt or replaced)')
-                os.replace(partial, path)
-            finally:
-                partial.unlink(missing_ok=True)
-        return path
-
-    def _fetch(self, name: str, destination: Path) -> str:
-        """Copy ``name`` to ``destination``; returns its sha256."""
-        source = self.describe(name)
-        digest = hashlib.sha256()
-        with open(destination, 'wb') as out:
-            if self.location.startswith('pipe:'):
-                with tempfile.TemporaryFile() as stderr:  # a file: a chatty command cannot block on a full pipe
-                    proc = subprocess.Popen(source, shell=True, stdout=subprocess.PIPE, stderr=stderr)
-                    _copy(proc.stdout, out, digest)
-                    if proc.wait() != 0:
-                        stderr.seek(0)
-                        lines = stderr.read().decode(errors='replace').strip().splitlines()
-                        raise DataError(f'cannot fetch {name}: `{source}` exited with status {proc.returncode}: '
-                                        f'{lines[-1] if lines else "no message"}')
-            else:
-                try:
-                    with urllib.request.urlopen(source, timeout=60) as response:
-                        _copy(response, out, digest)
-                except (urllib.error.URLError, OSError) as error:
-                    reason = getattr(error, 'reason', None) or error
-                    raise DataError(f'cannot fetch {source}: {reason}') from error
-        return digest.hexdigest()
-
-
-def _copy(source, out, digest) -> None:
-    while True:
-        chunk = source.read(1 << 20)
-        if not chunk:
-            return
-        digest.update(chunk)
-        out.write(chunk)
+    try:
+        index = json.loads(content)
+    except ValueError as error:
+        fail(f'not JSON ({error})')
+    if not isinstance(index, dict):
+        fail(f'a JSON {type(index).__name__}, not an object')
+    if index.get('format') != FORMAT or index.get('version') not in (1, 2):
+        fail(f'format {index.get("format")!r} version {index.get("version")!r}, not {FORMAT!r} 1 or 2')
+    count(index.get('label_digits'), 'label_digits')
+    splits = index.get('splits')
+    if not isinstance(splits, dict) or not splits:
+        fail('it has no "splits" object')
+    names = set()
+    for split, info in splits.items():
+        if not isinstance(info, dict):
+            fail(f'split {split!r} is not an object')
+        count(info.get('samples'), f'{split}: samples')
+        classes = info.get('classes')
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            fail(f'{split}: classes is not a list of names')
+        shards = info.get('shards')
+        if not isinstance(shards, list):
+            fail(f'{split}: shards is not a list')
+        keys = ('name', 'samples', 'bytes', 'sha256') + (('index_bytes', 'index_sha256') if index['version'] >= 2
+                                                          else ())
+        for number, entry in enumerate(shards):
+            if not isinstance(entry, dict) or any(key not in entry for key in keys):
+                fail(f'{split} shard {number} is not an object with {", ".join(keys)}')
+            name = check_file_name(entry['name'], where)
+            if not name.endswith('.tar') or name in names:
+                fail(f'{split} shard {number}: {name!r} is not a .tar name of its own')
+            names.add(name)
+            for key in ('samples', 'bytes') + (('index_bytes',) if index['version'] >= 2 else ()):
+                count(entry[key], f'{split} shard {number}: {key}')
+            for key in ('sha256',) + (('index_sha256',) if index['version'] >= 2 else ()):
+                if not isinstance(entry[key], str) or not _SHA256.fullmatch(entry[key]):
+                    fail(f'{split} shard {number}: {key} is not a sha256')
+    return index
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -197,21 +154,17 @@ class SplitLayout:
 class ShardSet:
     """The shards at a location (see the module's docstring), checked against their index."""
 
-    def __init__(self, location: str, cache_dir: str = ''):
-        self.fetcher = Fetcher(location, cache_dir)
+    def __init__(self, location: str, cache_dir: str = '', retries: int = 4, timeout: float = 900):
+        self.fetcher = Fetcher(location, cache_dir, retries, timeout)
         self.location = location
-        content = self.fetcher.index()
+        content = self.fetcher.index(INDEX)
         if content is None:
             partial = list(self.fetcher.folder.glob('*.tar')) or (self.fetcher.folder / STATE).exists()
             raise DataError(f'{location}: no {INDEX}' + (': the conversion did not finish (run python -m data.shards '
                                                          'again with the same arguments to complete it)' if partial
                                                          else ''))
-        try:
-            self.index = json.loads(content)
-            assert self.index.get('format') == FORMAT, f'not a {FORMAT} index'
-            self.splits: Dict[str, dict] = self.index['splits']
-        except (ValueError, AssertionError, KeyError) as error:
-            raise DataError(f'{self.fetcher.describe(INDEX)}: unreadable shard index ({error})') from error
+        self.index = parse_index(content, self.fetcher.describe(INDEX))
+        self.splits: Dict[str, dict] = self.index['splits']
 
     def split(self, split: str) -> dict:
         if split not in self.splits:
@@ -221,39 +174,53 @@ class ShardSet:
     def classes(self, split: str) -> List[str]:
         return self.split(split)['classes']
 
+    def _tars(self, split: str) -> List[Tuple[str, int, str]]:
+        return [(entry['name'], entry['bytes'], entry['sha256']) for entry in self.split(split)['shards']]
+
+    def _indexes(self, split: str) -> List[Tuple[str, Optional[int], Optional[str]]]:
+        return [(index_name(entry['name']), entry.get('index_bytes'), entry.get('index_sha256'))
+                for entry in self.split(split)['shards']]
+
+    def prefetch(self, splits: Sequence[str]) -> None:
+        """A remote location's files of ``splits`` into the cache now, before training: with a
+        global shuffle the first batches need every shard, and a process fetching them then would
+        keep the others waiting in a collective."""
+        files = [entry for split in splits for entry in self._indexes(split) + self._tars(split)
+                 if entry[2] is not None]
+        self.fetcher.prefetch(files, f'the {" and ".join(splits)} shards')
+
     def tar_path(self, split: str, shard: int) -> Path:
-        entry = self.split(split)['shards'][shard]
-        return self.fetcher.path(entry['name'], expect_bytes=entry['bytes'], sha256=entry['sha256'])
+        name, size, sha256 = self._tars(split)[shard]
+        return self.fetcher.path(name, size=size, sha256=sha256)
 
     def check_tar(self, split: str, shard: int) -> Optional[str]:
         """Why shard ``shard``'s tar cannot be read (missing, or of another size than the index says), or None."""
-        entry = self.split(split)['shards'][shard]
+        name, size, _ = self._tars(split)[shard]
         try:
-            size = self.tar_path(split, shard).stat().st_size
+            got = self.tar_path(split, shard).stat().st_size
         except FileNotFoundError:
-            return f'{self.fetcher.describe(entry["name"])} is missing'
-        if size != entry['bytes']:
-            return (f'{self.fetcher.describe(entry["name"])} is {size} bytes, {INDEX} says {entry["bytes"]}: '
-                    'truncated or replaced')
+            return f'{self.fetcher.describe(name)} is missing'
+        if got != size:
+            return f'{self.fetcher.describe(name)} is {got} bytes, {INDEX} says {size}: truncated or replaced'
         return None
 
     def index_paths(self, split: str) -> List[Path]:
-        """The split's .idx files on local disk (fetched in parallel when remote: a pipe: command may
-        take a second to start)."""
-        names = [index_name(entry['name']) for entry in self.split(split)['shards']]
+        """The split's .idx files on local disk, fetched when remote and not cached with the size and
+        sha256 the index gives (afresh for a version 1 index, which gives neither)."""
+        entries = self._indexes(split)
         with ThreadPoolExecutor(FETCH_THREADS) as pool:
-            return list(pool.map(self.fetcher.path, names))
+            return list(pool.map(lambda e: self.fetcher.path(e[0], refresh=e[2] is None, size=e[1], sha256=e[2],
+                                                           recheck=True),
+                                 entries))
 
     def local_paths(self, split: str) -> List[Path]:
-        """Every tar of ``split`` on local disk (fetched in parallel when remote), each checked against
-        the index."""
-        shards = range(len(self.split(split)['shards']))
-        with ThreadPoolExecutor(FETCH_THREADS) as pool:
-            problems = list(pool.map(lambda shard: self.check_tar(split, shard), shards))
-        for problem in problems:
+        """Every tar of ``split`` on local disk (fetched first when remote), each checked against the index."""
+        self.prefetch([split])
+        for shard in range(len(self._tars(split))):
+            problem = self.check_tar(split, shard)
             if problem:
                 raise DataError(problem)
-        return [self.tar_path(split, shard) for shard in shards]
+        return [self.tar_path(split, shard) for shard in range(len(self._tars(split)))]
 
     def layout(self, split: str) -> SplitLayout:
         """Read the split's .idx files; they must agree with index.json and cover every position once."""
@@ -265,6 +232,9 @@ class ShardSet:
         for number, (entry, path) in enumerate(zip(info['shards'], self.index_paths(split))):
             where = self.fetcher.describe(index_name(entry['name']))
             try:
+                if entry.get('index_bytes') is not None and path.stat().st_size != entry['index_bytes']:
+                    raise DataError(f'{where} is {path.stat().st_size} bytes, {INDEX} says {entry["index_bytes"]}: '
+                                    'the index disagrees with its shards (convert again)')
                 lines = path.read_text().splitlines()
             except OSError as error:
                 raise DataError(f'{where}: cannot read the shard\'s index ({error.strerror})') from error
@@ -287,6 +257,17 @@ class ShardSet:
             raise DataError(f'{self.location}: {int((shard_of < 0).sum())} {split} samples of {INDEX} are in no shard '
                             '(the index disagrees with its shards; convert again)')
         return SplitLayout(shard_of, image, label, suffix)
+
+
+# What reading an image can raise: PIL's errors, and its refusal of images so large that they are
+# likely a decompression bomb (more than twice Image.MAX_IMAGE_PIXELS).
+UNREADABLE_IMAGE = (OSError, ValueError, Image.DecompressionBombError)
+
+
+class FetchFailed(DataError):
+    """A remote shard that a loader worker found missing from the cache could not be fetched: one
+    process meets it, and it is not a corrupt sample to skip."""
+    every_rank = False
 
 
 class SkippingReader(Dataset):
@@ -354,11 +335,12 @@ class ShardDataset(SkippingReader):
         if shard not in self._files:
             if shard in self.broken:
                 raise SampleError(self.broken[shard])
+            # A remote shard is in the cache (ShardSet.prefetch); one removed since is fetched again.
+            # A fetch that fails is no sample's fault: it stops the run, naming the process that met it.
             try:
                 self._files[shard] = os.open(self.shards.tar_path(self.split, shard), os.O_RDONLY)
-            except DataError as error:  # a remote shard that could not be fetched whole
-                self.broken[shard] = str(error)
-                raise SampleError(str(error)) from error
+            except DataError as error:
+                raise FetchFailed(str(error)) from error
         return self._files[shard]
 
     def _load(self, position: int):
@@ -370,9 +352,11 @@ class ShardDataset(SkippingReader):
             raise SampleError(f'cannot read {self._where(position)}: the shard ends early (truncated)')
         try:
             target = int(data[label_at - start:label_at - start + label_size])
+            if not 0 <= target < len(self.classes):
+                raise ValueError(f'its label is {target}, there are {len(self.classes)} classes')
             with Image.open(io.BytesIO(data[image_at - start:image_at - start + image_size])) as image:
                 return image.convert('RGB'), target
-        except (OSError, ValueError) as error:
+        except UNREADABLE_IMAGE as error:
             raise SampleError(f'cannot read {self._where(position)}: {error}') from error
 
     def _where(self, position: int) -> str:
@@ -402,8 +386,8 @@ def _read(path: str) -> bytes:
 class _HashingWriter:
     """A binary file that hashes what is written to it (the shard's sha256 without reading it back)."""
 
-    def __init__(self, raw):
-        self.raw, self.digest = raw, hashlib.sha256()
+    def __init__(self, raw, digest):
+        self.raw, self.digest = raw, digest
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
@@ -414,7 +398,8 @@ class _HashingWriter:
 
 
 class ShardWriter:
-    """Writes the shards of one split, each atomically: its tar is renamed into place after its .idx."""
+    """Writes the shards of one split, each atomically: its tar, then its .idx (a shard counts as
+    written once ConversionState records it)."""
 
     def __init__(self, output: Path, split: str, label_digits: int):
         self.output, self.split, self.label_digits = output, split, label_digits
@@ -422,10 +407,11 @@ class ShardWriter:
     def write(self, number: int, samples: Sequence[tuple], contents: Sequence[bytes]) -> dict:
         """Write shard ``number`` of ``samples`` ((position, path, label)) with the files' ``contents``."""
         name = shard_name(self.split, number)
-        partial = self.output / f'{name}.partial'
         lines = [f'v1.2 {len(samples)}']
-        with open(partial, 'wb') as raw:
-            hashed = _HashingWriter(raw)
+        digest = hashlib.sha256()
+
+        def write_tar(raw) -> None:
+            hashed = _HashingWriter(raw, digest)
             with tarfile.open(fileobj=hashed, mode='w', format=tarfile.USTAR_FORMAT) as tar:
                 for (position, path, label), data in zip(samples, contents):
                     suffix = Path(path).suffix.lower().lstrip('.')
@@ -436,14 +422,17 @@ class ShardWriter:
                         line.append(f'{member.split(".", 1)[1]} {tar.offset + _BLOCK} {len(payload)} {member}')
                         tar.addfile(_tar_member(member, len(payload)), io.BytesIO(payload))
                     lines.append(' '.join(line))
-            raw.flush()
-            os.fsync(raw.fileno())
-        idx_partial = self.output / f'{index_name(name)}.partial'
-        idx_partial.write_text('\n'.join(lines) + '\n')
-        os.replace(idx_partial, self.output / index_name(name))
-        os.replace(partial, self.output / name)
+
+        write_atomically(str(self.output / name), write_tar)
+        idx = ('\n'.join(lines) + '\n').encode()
+        write_atomically(str(self.output / index_name(name)), lambda f: f.write(idx))
         return {'name': name, 'samples': len(samples), 'bytes': (self.output / name).stat().st_size,
-                'sha256': hashed.digest.hexdigest()}
+                'sha256': digest.hexdigest(), **index_hash(idx)}
+
+
+def index_hash(idx: bytes) -> dict:
+    """The entries of a shard's .idx file in a version 2 index."""
+    return {'index_bytes': len(idx), 'index_sha256': hashlib.sha256(idx).hexdigest()}
 
 
 def _plan(samples: List[tuple], seed: int) -> List[tuple]:
@@ -479,6 +468,8 @@ class ConversionState:
             tar = out / entry['name']
             if not tar.exists() or tar.stat().st_size != entry['bytes']:
                 break
+            if 'index_sha256' not in entry:  # recorded by a version 1 conversion
+                entry = {**entry, **index_hash((out / index_name(entry['name'])).read_bytes())}
             kept.append(entry)
         return kept
 
@@ -487,9 +478,8 @@ class ConversionState:
         self._write()
 
     def _write(self) -> None:
-        partial = self.path.with_name(self.path.name + '.partial')
-        partial.write_text(json.dumps({'parameters': self.parameters, 'done': self.done}))
-        os.replace(partial, self.path)
+        content = json.dumps({'parameters': self.parameters, 'done': self.done}).encode()
+        write_atomically(str(self.path), lambda f: f.write(content))
 
 
 def convert(data_path: str, output: str, shard_mb: float = DEFAULT_SHARD_MB, seed: int = 0,
@@ -512,7 +502,7 @@ def convert(data_path: str, output: str, shard_mb: float = DEFAULT_SHARD_MB, see
     out.mkdir(parents=True, exist_ok=True)
     state = ConversionState(out, {'source': str(source.resolve()), 'shard_mb': shard_mb, 'seed': seed,
                                   'splits': list(splits)}, log)
-    for leftover in out.glob('*.partial'):
+    for leftover in [*out.glob('*.partial'), *(Path(tmp) for tmp, _ in leftover_temporaries(str(out)))]:
         leftover.unlink()
     label_digits = len(str(max(len(classes[first]) - 1, 0)))
     index = {'format': FORMAT, 'version': VERSION, 'label_digits': label_digits, 'splits': {}}
@@ -524,8 +514,8 @@ def convert(data_path: str, output: str, shard_mb: float = DEFAULT_SHARD_MB, see
         entries = _convert_split(out, split, _plan(samples, seed), state, label_digits, shard_mb * 2 ** 20, threads,
                                  log)
         index['splits'][split] = {'samples': len(samples), 'classes': classes[split], 'shards': entries}
-    (out / f'{INDEX}.partial').write_text(json.dumps(index, indent=1))
-    os.replace(out / f'{INDEX}.partial', out / INDEX)
+    content = json.dumps(index, indent=1).encode()
+    write_atomically(str(out / INDEX), lambda f: f.write(content))
     state.path.unlink()
     return index
 

@@ -15,6 +15,7 @@ which one a run resumes.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Callable, Dict, Optional
 
 import torch
@@ -23,29 +24,39 @@ import torch.nn as nn
 from config import output_dir, parse_command_line
 from logger import create_logger
 from models import check_architecture
-from utils import (ConfigError, UserInputError, amp_dtype, fit_cpu_threads, init_distributed, keep_freed_memory,
-                   load_checkpoint_file, remove_leftover_temporaries, run_entry_point, seed_everything)
+from utils import (ConfigError, FolderLock, UserInputError, agree, amp_dtype, fit_cpu_threads, init_distributed,
+                   keep_freed_memory, leftover_temporaries, load_checkpoint_file, prepare_together, run_entry_point,
+                   seed_everything)
 
 from .checkpoints import config_changes, load_weights
 from .task import Session, Task, TaskData
 from .trainer import BatchNormGuard, Trainer, evaluate, sync_batchnorm
 
-__all__ = ['BatchNormGuard', 'Session', 'Task', 'TaskData', 'Trainer', 'build_model', 'config_changes', 'evaluate',
-           'load_weights', 'main', 'start', 'sync_batchnorm', 'to_device', 'train_or_evaluate']
+__all__ = ['BatchNormGuard', 'Session', 'Task', 'TaskData', 'Trainer', 'build_model', 'claim_run_folder',
+           'config_changes', 'evaluate', 'load_weights', 'main', 'start', 'sync_batchnorm', 'to_device',
+           'train_or_evaluate']
+
+
+RUN_LOCK = 'run.lock'  # held by a training run's rank 0 for the run's lifetime
+
+
+def _writable_folder(out_dir: str) -> Optional[UserInputError]:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix='.write-test-')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as error:
+        return UserInputError(f'cannot write to the output folder {out_dir} (--output / OUTPUT): {error}')
+    return None
 
 
 def start(config) -> Session:
     """Join the other processes, fit the CPU threads, check the architecture, make the run folder and
-    the log; before any data is read."""
-    rank, world_size, device = init_distributed(config.DEVICE)
+    the log; before any data is read. A folder that one process cannot write stops every process."""
+    rank, world_size, device = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
     out_dir = output_dir(config)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, f'.write_test{os.getpid()}')
-        open(probe, 'w').close()
-        os.remove(probe)
-    except OSError as error:
-        raise UserInputError(f'cannot write to the output folder {out_dir} (--output / OUTPUT): {error}') from error
+    agree(_writable_folder(out_dir))
     logger = create_logger(out_dir, rank, name=config.MODEL.NAME)
     lowered = fit_cpu_threads(int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     heap_reuse = device.type == 'cpu' and keep_freed_memory()
@@ -60,10 +71,31 @@ def start(config) -> Session:
                    if lowered else '')
                 + f'; {"autocast " + str(precision).split(".")[-1] if precision else "fp32"}'
                 + ('; large blocks kept on the heap for reuse (glibc mallopt)' if heap_reuse else ''))
-    if rank == 0 and not config.EVAL_MODE:
-        for name in remove_leftover_temporaries(out_dir):
-            logger.info(f'removed {name}, left by a save that was killed')
     return Session(config, rank, world_size, device, out_dir, logger)
+
+
+def claim_run_folder(session: Session) -> None:
+    """For a training run: rank 0 takes the run folder's lock for the run's lifetime (a second
+    training run there is refused with one line) and then removes the temporary files that killed
+    saves left, which no live run can be writing any more. --eval, --throughput and --export take
+    no lock and remove nothing."""
+    problem = None
+    if session.rank == 0:
+        try:
+            lock, holder = FolderLock.try_take(session.out_dir, RUN_LOCK)
+        except OSError as error:
+            session.logger.warning(f'cannot lock {session.out_dir} ({error.strerror}): this file system has no file '
+                                   'locks, so a second training run in this folder would not be refused')
+        else:
+            if lock is None:
+                problem = UserInputError(f'{session.out_dir} is in use by another training run ({holder}); wait for '
+                                         'it to end, or start a separate run with --tag NAME (or another --output)')
+            else:
+                session.run_lock = lock
+                for path, _ in leftover_temporaries(session.out_dir):
+                    os.remove(path)
+                    session.logger.info(f'removed {os.path.basename(path)}, left by a save that was killed')
+    agree(problem)
 
 
 def build_model(task: Task) -> nn.Module:
@@ -90,7 +122,9 @@ def train_or_evaluate(task: Task) -> Dict[str, float]:
     """With EVAL_MODE evaluate MODEL.RESUME; otherwise train, resuming where the run folder (or
     MODEL.RESUME) left off. Returns the last metrics."""
     session, config = task.session, task.config
-    data = task.build_data()
+    if not config.EVAL_MODE:
+        claim_run_folder(session)
+    data = prepare_together(task.build_data, session.device, session.logger)
     session.logger.info(data.description)
     model = to_device(build_model(task), session)
     if not config.EVAL_MODE:

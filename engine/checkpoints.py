@@ -3,6 +3,9 @@
 A training checkpoint holds the trainer's state (``Trainer.state_dict``) plus the run's identity:
 the architecture (a hash of the state dict's keys and shapes) and the data set (the task's
 ``TaskData.identity``). A run folder holds one experiment; a run of another identity is refused.
+Each checkpoint also counts the saves of its run (``saves``), so that pruning keeps the ones
+written last. Nothing a user has is overwritten: checkpoints that cannot be read are set aside or
+the run is refused.
 """
 from __future__ import annotations
 
@@ -10,13 +13,15 @@ import hashlib
 import logging
 import math
 import os
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 import yaml
 
 from utils import (CHECKPOINT_BEST, CHECKPOINT_LAST, CheckpointError, atomic_save, checkpoint_files,
-                   epoch_checkpoint_name, gather_objects, load_checkpoint_file, prune_epoch_checkpoints,
+                   agree, epoch_checkpoint_name, epoch_of_checkpoint_name, load_checkpoint_file,
                    state_dict_mismatch)
 
 # What a training checkpoint holds beyond the weights; a file without them cannot be resumed.
@@ -25,7 +30,8 @@ CHECKPOINT_KEYS = ('model', 'optimizer', 'optimizer_params', 'scaler', 'epoch', 
 # Keys that say how a run is launched, not what it trains: never reported as changed on resume.
 # Folders and their shards hold the same samples in the same order (data/shards.py).
 _LAUNCH_KEYS = ('MODEL.RESUME', 'EVAL_MODE', 'THROUGHPUT_MODE', 'OUTPUT', 'DATA.DATA_PATH', 'DATA.FORMAT',
-                'DATA.SHARD_CACHE', 'DATA.NUM_WORKERS', 'DATA.PREFETCH_FACTOR', 'DATA.PIN_MEMORY', 'DEVICE')
+                'DATA.SHARD_CACHE', 'DATA.FETCH_RETRIES', 'DATA.FETCH_TIMEOUT', 'DATA.NUM_WORKERS',
+                'DATA.PREFETCH_FACTOR', 'DATA.PIN_MEMORY', 'DEVICE', 'DIST_TIMEOUT')
 
 
 def load_weights(model: nn.Module, state: dict, path: str) -> None:
@@ -68,42 +74,117 @@ def _foreign(out_dir: str, path: str, checkpoint: dict, identity: dict, config) 
             + '); start a separate run with --tag NAME (or another --output) instead of resuming it')
 
 
-def survey(out_dir: str, identity: dict, config, logger: logging.Logger) -> dict:
-    """A look at a run folder (by one process): the checkpoint to resume (MODEL.RESUME, or with
-    TRAIN.AUTO_RESUME the newest in training by the epoch and step stored inside, whatever the file
-    times say), the best metric any of its checkpoints saw, and a refusal when the folder holds a run
-    of another identity. Unreadable and incomplete files are reported and passed over."""
-    newest, best_seen, foreign = None, -math.inf, None
+@dataclass
+class Survey:
+    """One process's look at a run folder's checkpoints."""
+    resumable: List[Tuple[tuple, str]] = field(default_factory=list)  # (position, path), newest first
+    unusable: List[Tuple[str, str]] = field(default_factory=list)  # (path, why it cannot be resumed)
+    best_seen: float = -math.inf  # the best metric any of its checkpoints saw
+    saves: int = 0  # the highest save count of its checkpoints
+    foreign: str = ''  # why the folder holds a run of another identity
+
+    @property
+    def newest(self) -> Optional[Tuple[tuple, str]]:
+        """(position, path) of the checkpoint newest in training, ckpt_best.pth left aside."""
+        return next((entry for entry in self.resumable if os.path.basename(entry[1]) != CHECKPOINT_BEST), None)
+
+
+def position(checkpoint: dict) -> tuple:
+    """Where in training a checkpoint stands: (epoch, fraction of it done)."""
+    return checkpoint['epoch'], checkpoint['step'] / checkpoint['steps_per_epoch']
+
+
+def describe_position(place: Optional[tuple]) -> str:
+    return 'none' if place is None else f'epoch {place[0]}, {100 * place[1]:.0f}% of it done'
+
+
+def survey(out_dir: str, identity: dict, config) -> Survey:
+    """Read the small entries of every checkpoint of ``out_dir``: which can be resumed and where each
+    stands in training (by the epoch and step stored inside, whatever the file times say), which
+    cannot and why, and whether one belongs to a run of another identity."""
+    found = Survey()
     for path in checkpoint_files(out_dir):
         try:
             checkpoint = load_checkpoint_file(path, lazy=True)
         except CheckpointError as error:
-            logger.warning(f'skipping {path}: {error}')
+            found.unusable.append((path, str(error)))
             continue
         missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
         if missing:
-            logger.warning(f'skipping {path}: not a training checkpoint (missing {", ".join(missing)})')
+            found.unusable.append((path, f'not a training checkpoint of this project (no {", ".join(missing)})'))
             continue
-        if checkpoint['identity'] != identity and foreign is None:
-            foreign = _foreign(out_dir, path, checkpoint, identity, config)
-        best_seen = max(best_seen, checkpoint['best_metric'])
-        position = (checkpoint['epoch'], checkpoint['step'] / checkpoint['steps_per_epoch'])
-        if os.path.basename(path) != CHECKPOINT_BEST and (newest is None or position > newest[0]):
-            newest = (position, path)
-    path = config.MODEL.RESUME or (newest[1] if newest and config.TRAIN.AUTO_RESUME else None)
-    return {'path': path, 'best_seen': best_seen, 'foreign': foreign}
+        if checkpoint['identity'] != identity and not found.foreign:
+            found.foreign = _foreign(out_dir, path, checkpoint, identity, config)
+        found.best_seen = max(found.best_seen, checkpoint['best_metric'])
+        found.saves = max(found.saves, checkpoint.get('saves', 0))
+        found.resumable.append((position(checkpoint), path))
+    found.resumable.sort(key=lambda entry: entry[0], reverse=True)
+    return found
 
 
-def load_agreed(path: str, world_size: int) -> dict:
+def choose(found: Survey, out_dir: str, config, logger: logging.Logger) -> Tuple[Optional[str], Optional[tuple]]:
+    """(the checkpoint to resume, its position) from rank 0's survey: with TRAIN.AUTO_RESUME the run
+    folder's newest, unless MODEL.RESUME is further in training (a --resume left on the command line
+    never takes a run back); else MODEL.RESUME. A folder whose checkpoints all cannot be read is
+    refused rather than trained over."""
+    if found.foreign:
+        raise CheckpointError(found.foreign)
+    requested, newest = config.MODEL.RESUME, found.newest if config.TRAIN.AUTO_RESUME else None
+    if not requested and newest is None and found.unusable:
+        listed = '; '.join(f'{os.path.basename(path)}: {why}' for path, why in found.unusable[:3])
+        raise CheckpointError(f'{out_dir} holds checkpoints but none can be resumed ({listed}); a new run would '
+                              'overwrite them. Move them elsewhere, or start a separate run with --tag NAME')
+    if not requested:
+        return (newest[1], newest[0]) if newest else (None, None)
+    try:
+        requested_at = position(load_checkpoint_file(requested, lazy=True))
+    except (CheckpointError, KeyError, TypeError, ZeroDivisionError):
+        return requested, None  # load_agreed names what is wrong with it
+    if newest is not None and os.path.abspath(newest[1]) != os.path.abspath(requested) and newest[0] >= requested_at:
+        logger.info(f'resuming {newest[1]} ({describe_position(newest[0])}), not --resume {requested} '
+                    f'({describe_position(requested_at)}): the run folder has got further. Set TRAIN.AUTO_RESUME '
+                    'False to go back to it')
+        return newest[1], newest[0]
+    return requested, requested_at
+
+
+def set_aside_unusable(found: Survey, first_epoch: int, epochs: int, logger: logging.Logger) -> None:
+    """Rename the unreadable checkpoints that this run would write over (ckpt_last.pth, ckpt_best.pth
+    and the epoch checkpoints it will reach) to NAME.unreadable: nothing a user has is overwritten."""
+    for path, why in found.unusable:
+        epoch = epoch_of_checkpoint_name(os.path.basename(path))
+        if epoch is not None and not first_epoch <= epoch < epochs:
+            continue
+        aside, number = f'{path}.unreadable', 1
+        while os.path.lexists(aside):
+            number += 1
+            aside = f'{path}.unreadable{number}'
+        os.replace(path, aside)
+        logger.warning(f'{path} cannot be resumed ({why}); moved to {os.path.basename(aside)} so that this run does '
+                       'not overwrite it')
+
+
+def check_one_folder(found: Survey, rank_0_newest: Optional[tuple], out_dir: str,
+                     rank: int) -> Optional[CheckpointError]:
+    """Why this process's view of the run folder shows that the folder is not shared: it sees a
+    checkpoint further in training than any rank 0 sees (a restart put rank 0 on another node, whose
+    local OUTPUT lacks it)."""
+    newest = found.newest
+    if newest is None or (rank_0_newest is not None and newest[0] <= rank_0_newest):
+        return None
+    return CheckpointError(f'rank {rank} sees {newest[1]} ({describe_position(newest[0])}) but rank 0 sees no '
+                           f'checkpoint that far (its newest: {describe_position(rank_0_newest)}): OUTPUT ({out_dir}) '
+                           'is not one folder that every node shares. Put OUTPUT on a shared file system (every node '
+                           'must see the same checkpoints)')
+
+
+def load_agreed(path: str) -> dict:
     """Every process reads ``path``; if any cannot, all stop with the same one-line error."""
     try:
-        checkpoint, problem = load_checkpoint_file(path), ''
+        checkpoint, problem = load_checkpoint_file(path), None
     except CheckpointError as error:
-        checkpoint, problem = None, str(error)
-    problems = [p for p in gather_objects(problem) if p]
-    if problems:
-        raise CheckpointError(problems[0] + (f' (on {len(problems)} of {world_size} processes)' if world_size > 1
-                                             else ''))
+        checkpoint, problem = None, error
+    agree(problem)
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if missing:
         raise CheckpointError(f'{path} holds no training state (missing {", ".join(missing)}; a bare state dict or '
@@ -113,8 +194,8 @@ def load_agreed(path: str, world_size: int) -> dict:
 
 
 def write(out_dir: str, state: dict, periodic: bool, is_best: bool, keep: int, logger: logging.Logger) -> None:
-    """Write ckpt_epoch_N.pth when ``periodic`` (keeping the newest ``keep``), ckpt_best.pth when
-    ``is_best``, and always ckpt_last.pth, each atomically."""
+    """Write ckpt_epoch_N.pth when ``periodic`` (keeping the ``keep`` written last), ckpt_best.pth
+    when ``is_best``, and always ckpt_last.pth, each atomically."""
     if periodic:
         atomic_save(state, os.path.join(out_dir, epoch_checkpoint_name(state['epoch'])))
         for name in prune_epoch_checkpoints(out_dir, keep):
@@ -124,6 +205,40 @@ def write(out_dir: str, state: dict, periodic: bool, is_best: bool, keep: int, l
     last = os.path.join(out_dir, CHECKPOINT_LAST)
     atomic_save(state, last)
     logger.info(f'saved {last} (epoch {state["epoch"]}, step {state["step"]})')
+
+
+def prune_epoch_checkpoints(out_dir: str, keep: int) -> List[str]:
+    """Delete all but the ``keep`` ckpt_epoch_N.pth written last in training (by the save count
+    inside, so a run resumed from an older epoch keeps what it writes rather than the higher N of
+    the abandoned future; files without one count as older, by their epoch). 0 keeps all; a file
+    that cannot be read is never deleted. Returns the deleted names."""
+    if keep <= 0:
+        return []
+    ranked = []
+    for name in os.listdir(out_dir):
+        epoch = epoch_of_checkpoint_name(name)
+        if epoch is None:
+            continue
+        try:
+            checkpoint = load_checkpoint_file(os.path.join(out_dir, name), lazy=True)
+            ranked.append(((1, checkpoint['saves']) if 'saves' in checkpoint else (0, checkpoint['epoch']), name))
+        except (CheckpointError, KeyError, TypeError):
+            continue
+    doomed = [name for _, name in sorted(ranked)[:-keep]]
+    for name in doomed:
+        os.remove(os.path.join(out_dir, name))
+    return doomed
+
+
+def state_bytes(state) -> int:
+    """About how many bytes ``state`` takes on disk (its tensors)."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(value) for value in state)
+    return 0
 
 
 def resume_position(checkpoint: dict, samples_per_step: int, steps_per_epoch: int, accumulation: int,

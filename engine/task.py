@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from utils import FolderLock
 
 
 @dataclass
@@ -19,6 +21,7 @@ class Session:
     device: torch.device
     out_dir: str
     logger: logging.Logger
+    run_lock: Optional[FolderLock] = None  # the run folder's lock, held by a training run's rank 0
 
 
 @dataclass
@@ -47,7 +50,9 @@ class Task:
         self.logger = session.logger
 
     def build_data(self) -> TaskData:
-        """Training and evaluation data; may set config keys that follow the data (class count)."""
+        """Training and evaluation data; may set config keys that follow the data (class count). It
+        runs in a thread while the processes wait for each other (``utils.prepare_together``): it may
+        take long on one process, and must not use the process group."""
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:

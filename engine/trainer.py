@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -21,9 +22,9 @@ from torch.utils.tensorboard import SummaryWriter
 from config import scaled_lrs
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
-from utils import (CHECKPOINT_LAST, CheckpointError, DataError, NonFiniteLossError, Preempted, StopSignal,
+from utils import (CHECKPOINT_LAST, CheckpointError, DataError, NonFiniteLossError, Preempted, StopSignal, agree,
                    all_finite, all_reduce, atomic_write_text, autocast, broadcast_object, gather_objects,
-                   is_distributed, memory_used_mb, rng_state, set_rng_state)
+                   is_disk_full, is_distributed, memory_used_mb, rng_state, set_rng_state)
 
 from . import checkpoints
 from .task import Task, TaskData
@@ -71,6 +72,7 @@ class Progress:
     step: int = 0  # micro-batches of it done
     best_metric: float = -math.inf  # the best primary metric of the run so far
     metrics: Dict[str, float] = field(default_factory=dict)  # the last evaluation
+    saves: int = 0  # checkpoints written so far (by this run and those it continues)
 
 
 class Trainer:
@@ -121,8 +123,9 @@ class Trainer:
         """Resume, then train and evaluate epoch by epoch to TRAIN.EPOCHS."""
         config, session = self.config, self.session
         self.resume()
+        self._write_on_rank_0(lambda: atomic_write_text(config.dump(), os.path.join(session.out_dir, 'config.yaml')),
+                              'config.yaml', len(config.dump()))
         if session.rank == 0:
-            atomic_write_text(config.dump(), os.path.join(session.out_dir, 'config.yaml'))
             self.writer = SummaryWriter(session.out_dir)
         self.logger.info(f'config:\n{config.dump()}')
         self.stop = StopSignal(self.logger)
@@ -314,6 +317,7 @@ class Trainer:
             'best_metric': progress.best_metric, 'metrics': progress.metrics,
             'nonfinite_steps': int(self.nonfinite_steps), 'first_nonfinite': int(self.first_nonfinite),
             'rng': rng_states, 'loader': loader_states, 'config': self.config.dump(), 'identity': self.identity,
+            'saves': progress.saves,
         }
 
     def save(self, epoch_complete: bool, is_best: bool = False) -> None:
@@ -330,26 +334,57 @@ class Trainer:
         # sampler position (epoch, step) is all the PyTorch loader needs.
         train = self.data.train
         loader_states = gather_objects(train.state_dict()) if hasattr(train, 'state_dict') else None
+        progress.saves += 1
+        periodic = epoch_complete and config.SAVE_FREQ > 0 and (
+            (progress.epoch + 1) % config.SAVE_FREQ == 0 or progress.epoch + 1 == config.TRAIN.EPOCHS)
+        state = self.state_dict(rng_states, loader_states) if self.session.rank == 0 else {}
+        self._write_on_rank_0(lambda: checkpoints.write(self.session.out_dir, state, periodic, is_best, config.SAVE_KEEP,
+                                                        self.logger), 'a checkpoint', checkpoints.state_bytes(state))
+
+    def _write_on_rank_0(self, write, what: str, size: int) -> None:
+        """``write()`` on rank 0 while the others wait; a write that fails (disk full, quota, I/O
+        error) stops every process with one line, and the files written before stay as they were."""
+        problem = None
         if self.session.rank == 0:
-            periodic = epoch_complete and config.SAVE_FREQ > 0 and (
-                (progress.epoch + 1) % config.SAVE_FREQ == 0 or progress.epoch + 1 == config.TRAIN.EPOCHS)
-            checkpoints.write(self.session.out_dir, self.state_dict(rng_states, loader_states), periodic, is_best,
-                              config.SAVE_KEEP, self.logger)
-        if is_distributed():
-            torch.distributed.barrier()
+            try:
+                write()
+            except OSError as error:
+                space = ''
+                if is_disk_full(error):
+                    free = shutil.disk_usage(self.session.out_dir).free
+                    space = f' (it needs about {size / 2 ** 20:.0f} MB, {free / 2 ** 20:.0f} MB are free)'
+                problem = CheckpointError(f'cannot write {what} in {self.session.out_dir}: {error.strerror}{space}; '
+                                          'the files written before are kept. Make room (or fix the folder) and run '
+                                          'the same command again')
+        agree(problem)
 
     def resume(self) -> None:
-        """Continue from MODEL.RESUME, or with TRAIN.AUTO_RESUME from the newest checkpoint of the run
-        folder. Rank 0 chooses and every process loads the same file; the schedule, LR scaling and
-        the rest follow the current config, and the keys that changed are logged."""
-        session = self.session
-        survey = broadcast_object(checkpoints.survey(session.out_dir, self.identity, self.config, self.logger)
-                                  if session.rank == 0 else None)
-        if survey['foreign']:
-            raise CheckpointError(survey['foreign'])
-        self.progress.best_metric = survey['best_seen']
-        if survey['path']:
-            self.load_state_dict(checkpoints.load_agreed(survey['path'], session.world_size), survey['path'])
+        """Continue from the run folder's newest checkpoint (TRAIN.AUTO_RESUME) or MODEL.RESUME,
+        whichever is further in training. Rank 0 chooses and every process loads the same file; a
+        process that sees a newer checkpoint than rank 0 chose stops the run (OUTPUT is not shared).
+        The schedule, LR scaling and the rest follow the current config, and the keys that changed
+        are logged."""
+        session, config = self.session, self.config
+        found = checkpoints.survey(session.out_dir, self.identity, config)
+        choice, problem = None, None
+        if session.rank == 0:
+            for path, why in found.unusable:
+                self.logger.warning(f'skipping {path}: {why}')
+            try:
+                choice = checkpoints.choose(found, session.out_dir, config, self.logger)
+            except CheckpointError as error:
+                problem = error
+        agree(problem)
+        path, chosen_at = broadcast_object(choice)
+        rank_0_newest = broadcast_object(found.newest[0] if found.newest else None)
+        agree(checkpoints.check_one_folder(found, rank_0_newest, session.out_dir, session.rank))
+        if session.rank == 0:
+            first_epoch = chosen_at[0] if chosen_at else 0
+            checkpoints.set_aside_unusable(found, first_epoch, config.TRAIN.EPOCHS, self.logger)
+        self.progress.best_metric = broadcast_object(found.best_seen)
+        self.progress.saves = broadcast_object(found.saves)
+        if path:
+            self.load_state_dict(checkpoints.load_agreed(path), path)
         if self.progress.step >= self.steps_per_epoch:
             self.progress.epoch, self.progress.step = self.progress.epoch + 1, 0
         self.scheduler.step_update(self._global_step())
@@ -371,6 +406,7 @@ class Trainer:
             checkpoint, self.config.DATA.BATCH_SIZE * session.world_size, self.steps_per_epoch, self.accumulation,
             self.logger)
         progress.best_metric = max(progress.best_metric, checkpoint['best_metric'])
+        progress.saves = max(progress.saves, checkpoint.get('saves', 0))
         progress.metrics = checkpoint.get('metrics', {})
         self.nonfinite_steps.fill_(checkpoint['nonfinite_steps'])
         self.first_nonfinite.fill_(checkpoint['first_nonfinite'])

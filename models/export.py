@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
-from utils import ExportError, UserInputError
+from utils import ExportError, UserInputError, write_atomically
 
 from .dwconv import set_dwconv_impl
 
@@ -51,9 +51,10 @@ def _dynamic_shapes() -> Tuple[Dict[int, Dim]]:
              3: Dim('width', min=MIN_SIZE, max=16384)},)
 
 
-def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Tuple[Callable, str]:
-    """Export to ONNX at ``path``; returns a function running the file with ONNX Runtime on CPU and a
-    description naming the opset."""
+def onnx_program(model: nn.Module, example: torch.Tensor) -> Tuple[Callable[[str], None], Callable[[str], Callable],
+                                                                 str]:
+    """ONNX export of ``model``: (save it to a path, load a path into a function that runs it with ONNX
+    Runtime on CPU, a description naming the opset)."""
     try:
         import onnxruntime
         import onnxscript  # noqa: F401  (the exporter's translator; imported here to name it when missing)
@@ -62,55 +63,47 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> Tuple[Cal
                              f'({error.name} is missing): {ONNX_PACKAGES}') from error
     program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=_dynamic_shapes(),
                                 input_names=['images'], output_names=['logits'], verbose=False)
-    _replace(path, program.save)
+
+    def load(path: str) -> Callable:
+        session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
+        return lambda images: torch.from_numpy(session.run(None, {'images': images.numpy()})[0])
     opset = program.model.opset_imports.get('', '?')
-    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-
-    def run(images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {'images': images.numpy()})[0])
-    return run, f'ONNX opset {opset}, checked with ONNX Runtime {onnxruntime.__version__} (CPU)'
+    return program.save, load, f'ONNX opset {opset}, checked with ONNX Runtime {onnxruntime.__version__} (CPU)'
 
 
-def write_program(model: nn.Module, example: torch.Tensor, path: Path) -> Tuple[Callable, str]:
-    """``torch.export`` to ``path``; returns a function running the program loaded back from the file."""
+def export_program(model: nn.Module, example: torch.Tensor) -> Tuple[Callable[[str], None], Callable[[str], Callable],
+                                                                   str]:
+    """``torch.export`` of ``model``: (save it to a path, load a path back, a description)."""
     program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes())
-    _replace(path, lambda tmp: torch.export.save(program, tmp))
-    loaded = torch.export.load(str(path)).module()
-    return loaded, f'torch.export program (torch {torch.__version__}), checked by loading it back'
-
-
-def _replace(path: Path, save: Callable[[str], None]) -> None:
-    """``save`` into a temporary file beside ``path``, then rename it into place (never half a file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=path.suffix)
-    os.close(fd)
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return (lambda path: torch.export.save(program, path), lambda path: torch.export.load(path).module(),
+            f'torch.export program (torch {torch.__version__}), checked by loading it back')
 
 
 def export(model: nn.Module, path: Path, size: int, logger) -> List[Tuple[Tuple[int, ...], float]]:
-    """Write ``model`` to ``path`` (.onnx or .pt2) from an example of ``size`` x ``size``, then run the
-    file on new random images, at that size and at a non-square one with another batch size, against
-    the PyTorch model. Returns (input shape, max |logit difference|) per check; an ``ExportError``
-    names the first above ``TOLERANCE``."""
+    """Write ``model`` to ``path`` (.onnx or .pt2) from an example of ``size`` x ``size``: the new file
+    is run on new random images, at that size and at a non-square one with another batch size,
+    against the PyTorch model, and replaces ``path`` only when it reproduces it (a previous file
+    stays otherwise; the new one gets the umask's permissions). Returns (input shape, max |logit
+    difference|) per check; an ``ExportError`` names the first above ``TOLERANCE``."""
     model = deployable(model)
     if size < MIN_SIZE:
         raise UserInputError(f'--export needs DATA.IMG_SIZE >= {MIN_SIZE} (the last stage has stride 32), got {size}')
     example = torch.randn(2, 3, size, size)
-    write = write_onnx if path.suffix == '.onnx' else write_program
-    with torch.no_grad():
-        run, what = write(model, example, path)
-        checks = []
+    checks: List[Tuple[Tuple[int, ...], float]] = []
+
+    def check(written: str) -> None:  # the new file, before it replaces anything at ``path``
+        run = load(written)
         for shape in ((2, 3, size, size), (1, 3, size, size + 32)):
             images = torch.randn(shape)
             difference = (run(images) - model(images)).abs().max().item()
             checks.append((shape, difference))
             logger.info(f'{path}: input {shape}, max |logit difference| against PyTorch {difference:.2e}')
             if not difference <= TOLERANCE:  # NaN too
-                raise ExportError(f'{path} does not reproduce the PyTorch logits: max |difference| {difference:.3g} '
-                                  f'at input {shape} (tolerance {TOLERANCE:g})')
+                raise ExportError(f'{path} was not written: the exported model does not reproduce the PyTorch logits '
+                                  f'(max |difference| {difference:.3g} at input {shape}, tolerance {TOLERANCE:g})')
+
+    with torch.no_grad():
+        save, load, what = (onnx_program if path.suffix == '.onnx' else export_program)(model, example)
+        write_atomically(str(path), lambda f: save(f.name), check)
     logger.info(f'wrote {path}: {what}; dynamic batch, height and width (>= {MIN_SIZE})')
     return checks

@@ -1,4 +1,11 @@
 """Fixtures shared by the test modules."""
+import http.server
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,3 +20,83 @@ def saved_bytes():
             fn(*args)
         return sum(sizes)
     return measure
+
+
+class FileServer:
+    """An HTTP server on 127.0.0.1 that serves the files of ``folder`` by name. ``requests`` counts
+    the requests per name; ``faults[name]`` lists what the next requests of ``name`` get: an HTTP
+    status, 'stall' (headers, then nothing for 8 s), 'trickle' (a byte every 0.3 s) or 'ok'."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.requests, self.faults = folder, {}, {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                name = self.path.rsplit('/', 1)[-1]
+                server.requests[name] = server.requests.get(name, 0) + 1
+                fault = server.faults[name].pop(0) if server.faults.get(name) else 'ok'
+                path = server.folder / name
+                if isinstance(fault, int) or not path.is_file():
+                    self.send_error(fault if isinstance(fault, int) else 404)
+                    return
+                body = path.read_bytes()
+                self.send_response(200)
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                if fault == 'stall':
+                    time.sleep(8)
+                elif fault == 'trickle':
+                    for byte in body[:40]:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.3)
+                else:
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}/'
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    """``serve(folder)``: a :class:`FileServer` of ``folder``, closed after the test."""
+    servers = []
+
+    def start(folder: Path) -> FileServer:
+        servers.append(FileServer(folder))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)``: a new folder under ``tmp_path`` holding a tmpfs of ``size`` ('64k', '4m'), for
+    full-disk tests; unmounted after the test. Mounting needs root: elsewhere the test skips, and
+    under CI (CI=true) it fails, so CI cannot silently stop testing a full disk."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f'tmpfs{len(mounts)}'
+        folder.mkdir()
+        if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder)],
+                          capture_output=True).returncode:
+            if os.environ.get('CI') == 'true':
+                pytest.fail('cannot mount a tmpfs: the full-disk tests need root')
+            pytest.skip('cannot mount a tmpfs (needs root)')
+        mounts.append(folder)
+        return folder
+    yield mount
+    for folder in mounts:
+        subprocess.run(['umount', str(folder)], check=True)

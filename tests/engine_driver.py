@@ -11,9 +11,19 @@ Every process prints one line ``rank R: ...`` with what it ended with.
   copy of the chosen file is torn. Every process must stop with the same error naming the file.
 - ``nonfinite-fp16``: loss scaling as under fp16, and only rank 1's loss turns non-finite at its
   second step. Every process must count the step and stop together.
+
+Two scenarios run the entry point itself (``utils.run_entry_point``), whose output is the claim:
+
+- ``output-one-rank``: process r's OUTPUT is BASE/rank{r}; rank 1's cannot be written.
+- ``train-per-rank``: process r trains in BASE/rank{r} (a folder on each node's own disk).
+
+- ``timeout``: DIST_TIMEOUT 0.1 minutes. Rank 1 prepares its data 9 s longer than rank 0 (a node
+  with a cold cache): training must go on, with rank 0 saying whom it waits for. Then rank 1 comes
+  to a barrier 9 s late: rank 0 must give up after about 6 s and print how long it waited.
 """
 import os
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -25,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 import engine  # noqa: E402
 from config import get_config  # noqa: E402
 from main import Classification  # noqa: E402
-from utils import ReportedError, StopSignal  # noqa: E402
+import utils  # noqa: E402
+from utils import ReportedError, StopSignal, note_progress, run_entry_point  # noqa: E402
 
 TINY_OPTS = ['MODEL.FAT.EMBED_DIMS', '[8, 16, 16, 16]', 'MODEL.FAT.DEPTHS', '[1, 1, 1, 1]',
              'MODEL.FAT.NUM_HEADS', '[1, 1, 1, 1]', 'DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0',
@@ -46,15 +57,48 @@ class NonFiniteOnRank1(Classification):
         return loss, parts
 
 
+class SlowDataOnRank1(Classification):
+    """Classification whose data take rank 1 9 s longer to prepare."""
+
+    def build_data(self):
+        if self.session.rank == 1:
+            note_progress('fetching shard 3 of 7')
+            time.sleep(9)
+        return super().build_data()
+
+
 def trainer(output: str, data: str, task_class=Classification, *opts: str) -> engine.Trainer:
-    config = get_config(Namespace(cfg=None, opts=[*TINY_OPTS, 'OUTPUT', output, 'DATA.DATA_PATH', data, *opts]))
+    config = config_of(output, data, *opts)
     task = task_class(engine.start(config))
     data = task.build_data()
     return engine.Trainer(task, data, task.build_model())
 
 
+def config_of(output: str, data: str, *opts: str):
+    return get_config(Namespace(cfg=None, opts=[*TINY_OPTS, 'OUTPUT', output, 'DATA.DATA_PATH', data, *opts]))
+
+
 def main(scenario: str, base: str, data: str) -> None:
     rank = int(os.environ['RANK'])
+    if scenario in ('output-one-rank', 'train-per-rank'):
+        config = config_of(os.path.join(base, f'rank{rank}'), data, 'TRAIN.EPOCHS', '2')
+        run_entry_point(lambda: engine.train_or_evaluate(Classification(engine.start(config))))
+        print(f'rank {rank}: finished', flush=True)
+        return
+    if scenario == 'timeout':
+        utils.PREPARE_REPORT_SECONDS = 3
+        task = SlowDataOnRank1(engine.start(config_of(os.path.join(base, 'run'), data, 'DIST_TIMEOUT', '0.1')))
+        engine.train_or_evaluate(task)
+        print(f'rank {rank}: trained', flush=True)
+        started = time.time()
+        if rank == 1:
+            time.sleep(9)
+        try:
+            torch.distributed.barrier()
+            print(f'rank {rank}: barrier passed after {time.time() - started:.0f} s', flush=True)
+        except RuntimeError:
+            print(f'rank {rank}: barrier failed after {time.time() - started:.0f} s', flush=True)
+        return
     try:
         if scenario == 'resume-follow':
             run = trainer(os.path.join(base, f'rank{rank}'), data)

@@ -1,7 +1,9 @@
 """Training survives kills, preemption, non-finite losses, cluster quirks and bad input (CPU, through
 main.py; several processes: 2 gloo processes under torchrun)."""
+import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_training import ROOT, TINY_OPTS, make_image_folder, run_main, train_args  # noqa: E402
+
+from utils import FolderLock  # noqa: E402
 
 # Random augmentation (RandAugment, random erasing), Mixup/CutMix, drop path and EMA all on: an exact
 # resume must restore every random state and every sample's augmentation.
@@ -117,15 +121,48 @@ def test_sigkill_mid_epoch_after_a_checkpoint_then_same_command_ends_bitwise_ide
     assert_same_weights(last_checkpoint(tmp_path), uninterrupted)
 
 
-def test_sigterm_saves_mid_epoch_and_the_restart_continues_exactly(data, tmp_path, uninterrupted):
+def process_tree(root: int) -> list:
+    """``root`` and every process below it (from /proc)."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                fields = Path(f'/proc/{entry}/stat').read_text().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def signal_every_process(root: int, signum: int) -> int:
+    """Send ``signum`` to ``root`` and all its descendants at once, as Slurm signals a job's processes
+    (loader workers included); returns how many were signalled."""
+    tree = process_tree(root)
+    for pid in tree:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    return len(tree)
+
+
+def test_sigterm_to_every_process_with_loader_workers_saves_mid_epoch_and_the_restart_continues_exactly(
+        data, tmp_path, uninterrupted):
+    # One process and its loader workers (train and evaluation), all signalled at once. Mutation caught:
+    # workers that keep SIGTERM's default (they died; "DataLoader worker exited unexpectedly", no save).
     args = train_args(data, tmp_path, *EXACT_OPTS)
     run_dir = tmp_path / 'fat_b0' / 'default'
     proc = start_main(*args)
     wait_for_log(run_dir / 'log.txt', 'Train: [1/3][1/6]', proc)
-    proc.send_signal(signal.SIGTERM)
+    assert signal_every_process(proc.pid, signal.SIGTERM) >= 3, 'main.py and its training and evaluation workers'
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
-    assert 'stopped by SIGTERM at epoch 1 step' in stderr and 'Run the same command again' in stderr
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert stderr.count('stopped by SIGTERM at epoch 1 step') == 1 and 'Run the same command again' in stderr
     saved = last_checkpoint(tmp_path)
     assert saved['epoch'] == 1 and 0 < saved['step'] < 6
 
@@ -135,26 +172,89 @@ def test_sigterm_saves_mid_epoch_and_the_restart_continues_exactly(data, tmp_pat
     assert_same_weights(last_checkpoint(tmp_path), uninterrupted)
 
 
-def test_sigterm_to_two_processes_with_accumulation_stops_within_two_steps_and_resumes_exactly(data48, tmp_path):
-    run_main(*train_args(data48, tmp_path / 'reference', *ACCUMULATION_OPTS, batch_size=2), nproc=2)
-    args = train_args(data48, tmp_path / 'run', *ACCUMULATION_OPTS, batch_size=2)
+def test_a_process_that_exits_with_a_loader_still_alive_ends_at_once(tmp_path):
+    # Loader workers ignore SIGTERM, and multiprocessing's exit handler SIGTERMs them and then waits:
+    # a loader that a reference cycle keeps alive until exit would hold the process for ever.
+    # Mutation caught: no exit hook in data/build.py (the process hung).
+    script = tmp_path / 'cycle.py'
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(ROOT)!r})
+from argparse import Namespace
+import torch
+from config import get_config
+from data.build import build_train_loader
+config = get_config(Namespace(cfg=None, opts=['DATA.NUM_WORKERS', '2', 'DATA.BATCH_SIZE', '4']))
+loader = build_train_loader(torch.utils.data.TensorDataset(torch.zeros(64, 2)), config)
+loader.sampler.set_epoch(0)
+next(iter(loader))
+cycle = [loader]
+cycle.append(cycle)
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
+
+
+# Two processes, two micro-batches per optimizer step, a log line every other micro-batch (the
+# combination whose stop request used to be checked never), one loader worker each.
+PREEMPT_OPTS = [*ACCUMULATION_OPTS, 'DATA.NUM_WORKERS', '1']
+
+
+@pytest.fixture(scope='module')
+def data48_shards(data48, tmp_path_factory) -> Path:
+    from data.shards import convert
+    out = tmp_path_factory.mktemp('shards48') / 'shards'
+    convert(str(data48), str(out), shard_mb=0.02, log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope='module')
+def two_process_references(data48, tmp_path_factory) -> dict:
+    """Uninterrupted 2-process runs: the PyTorch loader's (folders and shards give the same) and DALI's."""
+    references = {}
+    for loader in ('torch', 'dali'):
+        if loader == 'dali' and importlib.util.find_spec('nvidia.dali') is None:
+            continue
+        out = tmp_path_factory.mktemp(f'reference_{loader}')
+        run_main(*train_args(data48, out, *PREEMPT_OPTS, 'DATA.LOADER', loader, batch_size=2), nproc=2)
+        references[loader] = last_checkpoint(out)
+    return references
+
+
+@pytest.mark.parametrize('form, delivery', [('folder', 'launcher'), ('shards', 'every process'),
+                                            ('dali', 'every process')])
+def test_sigterm_under_torchrun_with_loader_workers_stops_within_two_steps_and_resumes_exactly(
+        form, delivery, data48, tmp_path, two_process_references, request):
+    # 'launcher': torchrun, signalled alone, SIGTERMs each worker's process group (loader workers
+    # included); 'every process': SIGTERM to launcher, workers and loader workers at once, as Slurm
+    # does. Mutation caught: loader workers keeping SIGTERM's default (no checkpoint; each process
+    # failed with "DataLoader worker ... exited unexpectedly").
+    loader = 'dali' if form == 'dali' else 'torch'
+    if loader not in two_process_references:
+        pytest.skip('NVIDIA DALI is not installed')
+    source = request.getfixturevalue('data48_shards') if form == 'shards' else data48
+    args = train_args(source, tmp_path / 'run', *PREEMPT_OPTS, 'DATA.LOADER', loader, batch_size=2)
     log = tmp_path / 'run' / 'fat_b0' / 'default' / 'log.txt'
     proc = start_main(*args, nproc=2)
-    wait_for_log(log, 'Train: [0/2][2/12]', proc)
-    os.killpg(proc.pid, signal.SIGTERM)  # as a cluster preempts a job: launcher and workers
+    wait_for_log(log, 'Train: [1/2][2/12]', proc)  # epoch 0 evaluated: training and evaluation workers run
+    if delivery == 'launcher':
+        proc.send_signal(signal.SIGTERM)
+    else:
+        # launcher, 2 processes, and with the PyTorch loader a training and an evaluation worker each
+        assert signal_every_process(proc.pid, signal.SIGTERM) >= (3 if loader == 'dali' else 7)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert stderr.count('stopped by SIGTERM at epoch 0 step') == 1, stderr[-3000:]
-    signalled_at = max(int(step) for step in re.findall(r'Train: \[0/2\]\[(\d+)/12\]', log.read_text().split(
+    assert proc.returncode == 1, 'torchrun, signalled itself, exits with 1 (its processes with 143)'
+    assert 'exited unexpectedly' not in stderr and not re.search(r'\[rank\d\]: Traceback', stderr), stderr[-3000:]
+    assert stderr.count('stopped by SIGTERM at epoch 1 step') == 1, stderr[-3000:]
+    signalled_at = max(int(step) for step in re.findall(r'Train: \[1/2\]\[(\d+)/12\]', log.read_text().split(
         'received SIGTERM')[0]))
     saved = last_checkpoint(tmp_path / 'run')
-    assert saved['epoch'] == 0 and saved['step'] % 2 == 0, 'at an optimizer-step boundary'
+    assert saved['epoch'] == 1 and saved['step'] % 2 == 0, 'at an optimizer-step boundary'
     # the signal lands in the optimizer step after the logged micro-batch; that one and two more finish
     assert signalled_at < saved['step'] <= signalled_at + 2 + 2 * 2, 'within two optimizer steps'
 
     restarted = run_main(*args, nproc=2)
-    assert f"(epoch 0, {saved['step']} steps done" in restarted.stdout
-    assert_same_weights(last_checkpoint(tmp_path / 'run'), last_checkpoint(tmp_path / 'reference'))
+    assert f"(epoch 1, {saved['step']} steps done" in restarted.stdout and 'DALI cannot skip' not in restarted.stdout
+    assert_same_weights(last_checkpoint(tmp_path / 'run'), two_process_references[loader])
 
 
 def test_checkpoint_is_plain_data_with_everything_a_resume_needs(uninterrupted):
@@ -166,9 +266,34 @@ def test_checkpoint_is_plain_data_with_everything_a_resume_needs(uninterrupted):
 
 # --- which checkpoint a run resumes ----------------------------------------------------------------
 
-def test_auto_resume_skips_a_corrupt_newest_checkpoint(data, tmp_path):
-    run_main(*train_args(data, tmp_path, 'SAVE_FREQ', '1'))
-    run_dir = tmp_path / 'fat_b0' / 'default'
+# Run folders that several tests start from, each trained once: a test copies one (copy_run) and goes
+# on from there, as a rerun of the same command would.
+
+@pytest.fixture(scope='module')
+def one_epoch(data, tmp_path_factory) -> Path:
+    """A run folder after 1 epoch of TINY_OPTS: ckpt_epoch_0.pth, ckpt_last.pth and ckpt_best.pth."""
+    out = tmp_path_factory.mktemp('one_epoch')
+    run_main(*train_args(data, out))
+    return out / 'fat_b0' / 'default'
+
+
+@pytest.fixture(scope='module')
+def four_epochs(data, tmp_path_factory) -> Path:
+    """A run folder after 4 epochs of TINY_OPTS with every epoch checkpoint kept (SAVE_KEEP 0)."""
+    out = tmp_path_factory.mktemp('four_epochs')
+    run_main(*train_args(data, out, 'TRAIN.EPOCHS', '4', 'SAVE_FREQ', '1', 'SAVE_KEEP', '0'))
+    return out / 'fat_b0' / 'default'
+
+
+def copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """``run_dir`` copied to ``tmp_path``'s run folder (OUTPUT tmp_path); returns the copy."""
+    copy = tmp_path / 'fat_b0' / 'default'
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def test_auto_resume_skips_a_corrupt_newest_checkpoint(data, tmp_path, one_epoch):
+    run_dir = copy_run(one_epoch, tmp_path)
     good = (run_dir / 'ckpt_last.pth').read_bytes()
     (run_dir / 'ckpt_epoch_7.pth').write_bytes(good[: len(good) // 2])  # torn write from elsewhere, newest
     proc = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '2'))
@@ -177,20 +302,18 @@ def test_auto_resume_skips_a_corrupt_newest_checkpoint(data, tmp_path):
     assert (run_dir / 'ckpt_epoch_7.pth').exists(), 'nothing the user has is deleted'
 
 
-def test_auto_resume_takes_the_newest_in_training_not_the_newest_on_disk(data, tmp_path):
-    run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '3', 'SAVE_FREQ', '1'))
-    run_dir = tmp_path / 'fat_b0' / 'default'
+def test_auto_resume_takes_the_newest_in_training_not_the_newest_on_disk(data, tmp_path, four_epochs):
+    run_dir = copy_run(four_epochs, tmp_path)
     (run_dir / 'ckpt_last.pth').unlink()
     (run_dir / 'ckpt_best.pth').unlink()
     os.utime(run_dir / 'ckpt_epoch_0.pth')  # copied or touched: the newest file, the oldest training state
-    proc = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '4'))
-    assert f"resumed from {run_dir / 'ckpt_epoch_2.pth'} (epoch 2" in proc.stdout
-    assert 'Train: [3/4]' in proc.stdout and 'Train: [1/4]' not in proc.stdout
+    proc = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '5'))
+    assert f"resumed from {run_dir / 'ckpt_epoch_3.pth'} (epoch 3" in proc.stdout
+    assert 'Train: [4/5]' in proc.stdout and 'Train: [1/5]' not in proc.stdout
 
 
-def test_ckpt_best_is_only_replaced_by_a_better_metric_than_the_run_has_seen(data, tmp_path):
-    run_main(*train_args(data, tmp_path))
-    run_dir = tmp_path / 'fat_b0' / 'default'
+def test_ckpt_best_is_only_replaced_by_a_better_metric_than_the_run_has_seen(data, tmp_path, one_epoch):
+    run_dir = copy_run(one_epoch, tmp_path)
     best = torch.load(run_dir / 'ckpt_best.pth', weights_only=True)
     torch.save({**best, 'best_metric': 101.0}, run_dir / 'ckpt_best.pth')  # a best no later epoch can beat
     last = torch.load(run_dir / 'ckpt_last.pth', weights_only=True)
@@ -198,6 +321,130 @@ def test_ckpt_best_is_only_replaced_by_a_better_metric_than_the_run_has_seen(dat
     proc = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '2'))
     assert 'best acc1: 101.0000' in proc.stdout
     assert torch.load(run_dir / 'ckpt_best.pth', weights_only=True)['epoch'] == 0
+
+
+# --- nothing a user has is lost ------------------------------------------------------------------
+
+def test_checkpoints_that_cannot_be_read_are_never_written_over(data, tmp_path, four_epochs):
+    # Mutations caught: unreadable files passed over in silence (the run started afresh and wrote over
+    # all of them); an unreadable ckpt_last.pth written over once an older checkpoint resumed.
+    run_dir = copy_run(four_epochs, tmp_path)
+    for name in ('ckpt_last.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth'):
+        (run_dir / name).write_bytes((run_dir / name).read_bytes()[:1000])  # torn, or a transient EIO
+    torch.save({'weights': torch.zeros(1)}, run_dir / 'ckpt_best.pth')  # a file of another format
+    epoch_0 = (run_dir / 'ckpt_epoch_0.pth').read_bytes()
+    (run_dir / 'ckpt_epoch_0.pth').write_bytes(epoch_0[:1000])
+    before = {p.name: p.read_bytes() for p in run_dir.glob('ckpt_*.pth')}
+    refused = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '6'), check=False)
+    assert_one_line_error(refused, 'holds checkpoints but none can be resumed', 'ckpt_last.pth: cannot read checkpoint',
+                          'ckpt_best.pth: not a training checkpoint', 'Move them elsewhere', '--tag')
+    assert {p.name: p.read_bytes() for p in run_dir.glob('ckpt_*.pth')} == before, 'nothing written over'
+
+    (run_dir / 'ckpt_epoch_0.pth').write_bytes(epoch_0)  # one readable checkpoint, older than the torn last one
+    resumed = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '2'))
+    assert 'resumed from' in resumed.stdout and 'ckpt_epoch_0.pth (epoch 0' in resumed.stdout
+    assert (run_dir / 'ckpt_last.pth.unreadable').read_bytes() == before['ckpt_last.pth']
+    assert (run_dir / 'ckpt_best.pth.unreadable').read_bytes() == before['ckpt_best.pth']
+    assert (run_dir / 'ckpt_epoch_1.pth.unreadable').read_bytes() == before['ckpt_epoch_1.pth']
+    assert (run_dir / 'ckpt_epoch_3.pth').read_bytes() == before['ckpt_epoch_3.pth'], 'not reached: left alone'
+    assert last_checkpoint(tmp_path)['epoch'] == 1
+
+
+def test_resume_on_the_command_line_never_takes_the_run_back(data, tmp_path, four_epochs):
+    # A --resume left in the command (or a torchrun restart) must not go back to it once the run
+    # folder has got further. Mutation caught: MODEL.RESUME taken over the folder (epoch 1 trained again).
+    run_dir = copy_run(four_epochs, tmp_path)
+    start = tmp_path / 'start.pth'
+    shutil.copy(run_dir / 'ckpt_epoch_0.pth', start)
+    proc = run_main('--resume', start, *train_args(data, tmp_path, 'TRAIN.EPOCHS', '5'))
+    assert f'not --resume {start}' in proc.stdout and 'the run folder has got further' in proc.stdout
+    assert 'Train: [4/5]' in proc.stdout and 'Train: [1/5]' not in proc.stdout
+    fresh = run_main('--resume', start, *train_args(data, tmp_path / 'new', 'TRAIN.EPOCHS', '2'))
+    assert f'resumed from {start} (epoch 0' in fresh.stdout, 'a new folder starts from --resume'
+
+
+def test_epoch_checkpoints_are_pruned_by_when_they_were_written_not_by_their_number(data, tmp_path, four_epochs):
+    # Going back on purpose (TRAIN.AUTO_RESUME False) to epoch 0 of a folder that reached epoch 3.
+    # Mutation caught: pruning by the N in the name (the new ckpt_epoch_1.pth deleted as it was written).
+    run_dir = copy_run(four_epochs, tmp_path)
+    start = tmp_path / 'start.pth'
+    shutil.copy(run_dir / 'ckpt_epoch_0.pth', start)
+    run_main('--resume', start, *train_args(data, tmp_path, 'TRAIN.EPOCHS', '2', 'TRAIN.AUTO_RESUME', 'False',
+                                            'SAVE_KEEP', '2'))
+    assert sorted(p.name for p in run_dir.glob('ckpt_epoch_*.pth')) == ['ckpt_epoch_1.pth', 'ckpt_epoch_3.pth']
+    written = torch.load(run_dir / 'ckpt_epoch_1.pth', weights_only=True)
+    assert written['saves'] > torch.load(run_dir / 'ckpt_epoch_3.pth', weights_only=True)['saves']
+    assert written['saves'] == last_checkpoint(tmp_path)['saves']
+
+
+def test_the_run_lock_dies_with_its_holder_not_with_the_processes_it_forked(tmp_path):
+    # A killed run's loader workers outlive it by seconds; the restart must get the folder at once.
+    # Mutation caught: an flock (shared with forked children: the restart was refused).
+    script = tmp_path / 'holder.py'
+    script.write_text(f"""import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from utils import FolderLock
+lock, _ = FolderLock.try_take({str(tmp_path)!r}, 'run.lock')
+if os.fork() == 0:
+    time.sleep(60)  # a loader worker
+    os._exit(0)
+print('held', flush=True)
+time.sleep(60)
+""")
+    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline() == 'held\n'
+        lock, who = FolderLock.try_take(str(tmp_path), 'run.lock')
+        assert lock is None and f'pid {holder.pid}' in who, 'refused while its holder lives'
+        holder.kill()
+        holder.wait()
+        forked = subprocess.run(['pgrep', '-s', str(holder.pid)], capture_output=True, text=True).stdout.split()
+        assert len(forked) == 1, 'the forked child lives on'
+        lock, _ = FolderLock.try_take(str(tmp_path), 'run.lock')
+        assert lock is not None, 'taken at once, while the forked child still lives'
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+
+
+def test_a_second_training_run_in_the_folder_is_refused_and_tools_leave_its_files(data, tmp_path):
+    # Mutations caught: no run lock (the second run trained into the first's folder); leftovers removed
+    # by every mode but --eval (--throughput deleted the live run's temporary file).
+    args = train_args(data, tmp_path, 'TRAIN.EPOCHS', '200')
+    run_dir = tmp_path / 'fat_b0' / 'default'
+    first = start_main(*args)
+    try:
+        wait_for_log(run_dir / 'log.txt', 'Train: [0/200]', first)
+        saving = run_dir / 'ckpt_last.pth.tmp12345-0123abcd'  # as the live run's save in progress
+        saving.write_bytes(b'half written')
+        second = run_main(*args, check=False)
+        assert_one_line_error(second, f'{run_dir} is in use by another training run', f'pid {first.pid}', '--tag')
+        throughput = run_main('--throughput', '--batch-size', '2', '--output', tmp_path, '--opts', *TINY_OPTS)
+        assert 'inference: batch_size 2' in throughput.stdout
+        assert saving.read_bytes() == b'half written'
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_full_disk_while_saving_stops_every_process_in_one_line_and_keeps_the_checkpoints(data, tmpfs,
+                                                                                          one_epoch):
+    # Mutations caught: the OSError of rank 0's write unhandled (a traceback, and the others left in the
+    # save's barrier: on NCCL until the timeout); rank 0 stopping alone with the one line (the others
+    # lost it: "another process of the run ended").
+    disk = tmpfs('4m')
+    run_dir = disk / 'fat_b0' / 'default'
+    run_dir.mkdir(parents=True)
+    shutil.copy(one_epoch / 'ckpt_last.pth', run_dir)
+    before = (run_dir / 'ckpt_last.pth').read_bytes()
+    room = os.statvfs(disk)
+    (disk / 'filler').write_bytes(b'\0' * (room.f_bavail * room.f_frsize - 200_000))  # 200 KB left
+    proc = run_main(*train_args(data, disk, 'TRAIN.EPOCHS', '2', 'SAVE_FREQ', '0'), nproc=2, check=False)
+    assert proc.returncode == 1 and len(error_lines(proc.stderr)) == 1, proc.stderr[-3000:]
+    assert re.search(rf'error: cannot write a checkpoint in {run_dir}: No space left on device \(it needs about '
+                     r'\d+ MB, 0 MB are free\); the files written before are kept', proc.stderr), proc.stderr
+    assert not re.search(r'\[rank\d\]: Traceback', proc.stderr)
+    assert 'another process of the run ended' not in proc.stderr, 'every process stopped on the agreed error'
+    assert (run_dir / 'ckpt_last.pth').read_bytes() == before and not list(run_dir.glob('*.tmp*'))
 
 
 # --- resume follows the current config ----------------------------------------------------------
@@ -219,8 +466,8 @@ def first_lr_of_epoch(stdout: str, epoch: int, epochs: int) -> float:
     return float(re.search(rf'Train: \[{epoch}/{epochs}\]\[0/\d+\]\s+eta \S+ lr ([\d.e+-]+)', stdout).group(1))
 
 
-def test_a_longer_run_continues_the_new_schedule_and_lists_what_changed(data, tmp_path):
-    run_main(*train_args(data, tmp_path))  # 1 epoch: its cosine ends at MIN_LR
+def test_a_longer_run_continues_the_new_schedule_and_lists_what_changed(data, tmp_path, one_epoch):
+    copy_run(one_epoch, tmp_path)  # 1 epoch: its cosine ends at MIN_LR
     first = last_checkpoint(tmp_path)
     proc = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '2', 'MODEL.EMA.ENABLE', 'True'))
     assert 'TRAIN.EPOCHS 1 -> 2' in proc.stdout and 'MODEL.EMA.ENABLE False -> True' in proc.stdout
@@ -232,8 +479,8 @@ def test_a_longer_run_continues_the_new_schedule_and_lists_what_changed(data, tm
     assert first_lr_of_epoch(proc.stdout, 1, 2) > 2 * expected_lr(1, 6, 6, 4 / 512)
 
 
-def test_resume_on_more_processes_scales_the_lr_to_the_new_total_batch(data, tmp_path):
-    run_main(*train_args(data, tmp_path))
+def test_resume_on_more_processes_scales_the_lr_to_the_new_total_batch(data, tmp_path, one_epoch):
+    copy_run(one_epoch, tmp_path)
     proc = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '2'), nproc=2, threads=2)
     if len(os.sched_getaffinity(0)) < 4:  # 2 processes x 2 threads would oversubscribe the cores
         assert 'CPU threads per process (lowered from 2' in proc.stdout
@@ -243,8 +490,8 @@ def test_resume_on_more_processes_scales_the_lr_to_the_new_total_batch(data, tmp
     assert first_lr_of_epoch(proc.stdout, 1, 2) == pytest.approx(expected_lr(2, 3, 4, 8 / 512), rel=2e-3)
 
 
-def test_another_experiment_in_the_same_run_folder_is_refused(data, tmp_path):
-    run_main(*train_args(data, tmp_path))
+def test_another_experiment_in_the_same_run_folder_is_refused(data, tmp_path, one_epoch):
+    copy_run(one_epoch, tmp_path)
     config_before = (tmp_path / 'fat_b0' / 'default' / 'config.yaml').read_text()
     wider = run_main(*train_args(data, tmp_path, 'MODEL.FAT.EMBED_DIMS', '[8, 16, 32, 32]'), check=False)
     assert_one_line_error(wider, 'holds a run with another architecture', 'EMBED_DIMS', '--tag')
@@ -256,17 +503,15 @@ def test_another_experiment_in_the_same_run_folder_is_refused(data, tmp_path):
     assert 'resumed from' not in tagged.stdout
 
 
-def test_resume_of_a_weights_only_file_points_to_pretrained(data, tmp_path):
-    run_main(*train_args(data, tmp_path / 'first'))
+def test_resume_of_a_weights_only_file_points_to_pretrained(data, tmp_path, one_epoch):
     weights = tmp_path / 'weights.pth'
-    torch.save(last_checkpoint(tmp_path / 'first')['model'], weights)
+    torch.save(torch.load(one_epoch / 'ckpt_last.pth', weights_only=True)['model'], weights)
     proc = run_main('--resume', weights, *train_args(data, tmp_path / 'second'), check=False)
     assert_one_line_error(proc, str(weights), 'no training state', f'--pretrained {weights}')
 
 
-def test_processes_resume_the_file_rank_0_chose(data, tmp_path):
-    run_main(*train_args(data, tmp_path / 'first', 'TRAIN.EPOCHS', '2'))
-    checkpoint = last_checkpoint(tmp_path / 'first')
+def test_processes_resume_the_file_rank_0_chose(data, tmp_path, one_epoch):
+    checkpoint = torch.load(one_epoch / 'ckpt_last.pth', weights_only=True)
     for rank, epoch in ((0, 1), (1, 0)):  # rank 1's folder lags behind, as a stale cache of a shared disk
         folder = tmp_path / 'base' / f'rank{rank}' / 'fat_b0' / 'default'
         folder.mkdir(parents=True)
@@ -275,9 +520,8 @@ def test_processes_resume_the_file_rank_0_chose(data, tmp_path):
     assert 'rank 0: resumed epoch 2' in out and 'rank 1: resumed epoch 2' in out, out
 
 
-def test_a_checkpoint_one_process_cannot_read_stops_every_process_naming_it(data, tmp_path):
-    run_main(*train_args(data, tmp_path / 'first'))
-    good = (tmp_path / 'first' / 'fat_b0' / 'default' / 'ckpt_last.pth').read_bytes()
+def test_a_checkpoint_one_process_cannot_read_stops_every_process_naming_it(data, tmp_path, one_epoch):
+    good = (one_epoch / 'ckpt_last.pth').read_bytes()
     for rank, content in ((0, good), (1, good[: len(good) // 3])):  # the other node sees a torn copy
         folder = tmp_path / 'base' / f'rank{rank}' / 'out' / 'fat_b0' / 'default'
         folder.mkdir(parents=True)
@@ -285,15 +529,54 @@ def test_a_checkpoint_one_process_cannot_read_stops_every_process_naming_it(data
     out = driver('resume-unreadable', tmp_path / 'base', data)
     for rank in (0, 1):
         assert re.search(rf'rank {rank}: CheckpointError: cannot read checkpoint out/fat_b0/default/ckpt_last.pth.*'
-                         r'\(on 1 of 2 processes\)', out), out
+                         r'\(on 1 of 2 processes: rank 1 on ', out), out
 
 
 def driver(scenario: str, base: Path, data: Path) -> str:
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+    proc = run_driver(scenario, base, data)
+    return proc.stdout + proc.stderr
+
+
+def run_driver(scenario: str, base: Path, data: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
                            str(ROOT / 'tests' / 'engine_driver.py'), scenario, str(base), str(data)],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
                           timeout=180)
-    return proc.stdout + proc.stderr
+
+
+def test_a_folder_one_node_cannot_write_stops_every_process_in_one_line_naming_it(data, tmp_path):
+    # Mutation caught: the folder check not agreed (rank 1 alone met it: no line at all, rank 0 went
+    # on and waited for it in the next collective).
+    (tmp_path / 'rank1').write_text('a file where the folder should be')
+    proc = run_driver('output-one-rank', tmp_path, data)
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and proc.returncode == 1, proc.stderr[-3000:]
+    assert re.fullmatch(rf'error: cannot write to the output folder {tmp_path}/rank1/fat_b0/default .*'
+                        r'\(on 1 of 2 processes: rank 1 on \S+\)', errors[0]), errors[0]
+    assert 'finished' not in proc.stdout and not re.search(r'\[rank\d\]: Traceback', proc.stderr)
+
+
+def test_a_slow_data_preparation_outlasts_dist_timeout_and_a_late_collective_does_not(data, tmp_path):
+    # Mutations caught: build_data called directly in the engine (rank 0 timed out in the first
+    # collective while rank 1 prepared); DIST_TIMEOUT not passed to the process group (rank 0 waited
+    # the whole 9 s at the barrier).
+    out = driver('timeout', tmp_path, data)
+    assert 'rank 0: trained' in out and 'rank 1: trained' in out, out[-3000:]
+    assert re.search(r'waiting for 1 process\(es\) to prepare their data: rank 1 on \S+ \(fetching shard 3 of 7\)',
+                     out), out[-3000:]
+    waited = re.search(r'rank 0: barrier failed after (\d+) s', out)
+    assert waited and int(waited.group(1)) < 9, out[-3000:]
+
+
+def test_a_node_that_sees_newer_checkpoints_than_rank_0_stops_the_run(data, tmp_path, one_epoch):
+    # After a restart rank 0 may land on a node whose local OUTPUT lacks the newest checkpoint.
+    # Mutation caught: no such check (rank 0 started epoch 0 afresh without a word).
+    copy_run(one_epoch, tmp_path / 'base' / 'rank1')
+    proc = run_driver('train-per-rank', tmp_path / 'base', data)
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert 'rank 1 sees' in errors[0] and 'is not one folder that every node shares' in errors[0]
+    assert not (tmp_path / 'base' / 'rank0' / 'fat_b0' / 'default' / 'ckpt_last.pth').exists()
 
 
 # --- non-finite steps ---------------------------------------------------------------------------
@@ -333,7 +616,7 @@ def test_epoch_checkpoints_are_pruned_and_leftovers_of_killed_saves_removed(data
     run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '4', 'SAVE_FREQ', '1', 'SAVE_KEEP', '2'))
     assert sorted(p.name for p in run_dir.iterdir() if 'events' not in p.name) == [
         'ckpt_best.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth', 'ckpt_last.pth', 'config.yaml', 'log.txt',
-        'notes.tmp.txt']
+        'notes.tmp.txt', 'run.lock']
     assert yaml.safe_load((run_dir / 'config.yaml').read_text())['SAVE_KEEP'] == 2
 
 
@@ -379,6 +662,37 @@ def test_corrupt_image_is_named_or_skipped(tmp_path):
         skipped.stderr + skipped.stdout
 
 
+def test_an_image_only_one_process_reads_is_reported_by_it_and_the_run_ends(data48, tmp_path):
+    # Mutations caught: the line without the process's rank and host; the other process's lost
+    # collective shown as a traceback.
+    copy = tmp_path / 'data'
+    shutil.copytree(data48, copy)
+    broken = copy / 'train' / 'class_1' / '3.png'
+    broken.write_bytes(b'not a png at all')
+    started = time.time()
+    proc = run_main(*train_args(copy, tmp_path, 'DATA.NUM_WORKERS', '1', batch_size=2), nproc=2, check=False)
+    assert time.time() - started < 120, 'ended promptly, not at the process-group timeout'
+    errors = error_lines(proc.stderr)
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert re.fullmatch(rf'error: cannot read image {broken}: .* \(rank [01] on \S+\)', errors[0]), errors[0]
+    assert not re.search(r'\[rank\d\]: Traceback', proc.stderr), proc.stderr[-3000:]
+
+
+def test_a_fetch_that_fails_on_one_node_stops_every_process_in_one_line_naming_it(data, tmp_path):
+    # Mutation caught: build_data's errors not agreed (rank 1's DataError printed by nobody, rank 0
+    # waiting for it in the first collective).
+    from data.shards import convert
+    convert(str(data), str(tmp_path / 'shards'), shard_mb=0.02, log=lambda line: None)
+    location = (f'pipe:if [ "$RANK" = 1 ]; then echo "no route to the bucket" >&2; exit 7; fi; '
+                f'cat {tmp_path / "shards"}/{{}}')
+    proc = run_main(*train_args(location, tmp_path, 'DATA.SHARD_CACHE', tmp_path / 'cache', 'DATA.FETCH_RETRIES', '0'),
+                    nproc=2, check=False)
+    errors = error_lines(proc.stderr)
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert 'index.json' in errors[0] and 'exited with status 7: no route to the bucket' in errors[0]
+    assert re.search(r'\(on 1 of 2 processes: rank 1 on \S+\)$', errors[0]), errors[0]
+
+
 def test_skipping_corrupt_images_when_none_is_readable_is_one_line(tmp_path):
     data = make_image_folder(tmp_path / 'data', classes=2, train_per_class=4, val_per_class=2)
     for image in (data / 'train').rglob('*.png'):
@@ -407,9 +721,8 @@ def test_missing_cfg_file(tmp_path):
     assert_one_line_error(proc, 'config file not found', 'nope.yaml')
 
 
-def test_checkpoint_of_another_architecture_names_the_keys(data, tmp_path):
-    run_main(*train_args(data, tmp_path))
-    ckpt = tmp_path / 'fat_b0' / 'default' / 'ckpt_last.pth'
+def test_checkpoint_of_another_architecture_names_the_keys(data, tmp_path, one_epoch):
+    ckpt = one_epoch / 'ckpt_last.pth'
     wider = train_args(data, tmp_path / 'eval', 'MODEL.FAT.EMBED_DIMS', '[8, 16, 32, 32]')
     assert_one_line_error(run_main('--eval', '--resume', ckpt, *wider, check=False),
                           'does not fit this model', 'shape mismatch', 'stages.2')

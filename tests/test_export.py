@@ -1,6 +1,7 @@
 """main.py --export: ONNX (checked with ONNX Runtime) and torch.export (.pt2) files that reproduce the
 PyTorch logits of the checkpoint they were given, at the config's size and a non-square one, and one
 `error:` line for each kind of bad input."""
+import os
 import sys
 from pathlib import Path
 
@@ -95,3 +96,30 @@ def test_missing_onnx_packages_are_named(tmp_path, monkeypatch):
                     '--opts', *OPTS, check=False)
     assert proc.returncode == 2 and len(error_lines(proc)) == 1, proc.stderr
     assert 'pip install onnx onnxscript onnxruntime' in error_lines(proc)[0]
+
+
+class NoisyHead(torch.nn.Module):
+    """A model whose output changes on every call: no exported file can reproduce it."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean((2, 3)) + torch.rand(images.shape[0], 3)
+
+
+def test_a_failed_export_leaves_the_previous_file_and_a_new_one_follows_the_umask(tmp_path):
+    # Mutations caught: the file replaced before its check (the previous export was lost); the new
+    # file made with mkstemp's private 0600 (the umask's 0640 asked for).
+    import logging
+    from models.export import export
+    from utils import ExportError
+    path = tmp_path / 'model.pt2'
+    path.write_bytes(b'the previous export')
+    with pytest.raises(ExportError, match='model.pt2 was not written: the exported model does not reproduce'):
+        export(NoisyHead(), path, 64, logging.getLogger('test'))
+    assert path.read_bytes() == b'the previous export' and [p.name for p in tmp_path.iterdir()] == ['model.pt2']
+
+    previous = os.umask(0o027)
+    try:
+        export(FAT(**ARCH), path, 64, logging.getLogger('test'))
+    finally:
+        os.umask(previous)
+    assert path.read_bytes() != b'the previous export' and path.stat().st_mode & 0o777 == 0o640

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,6 +384,38 @@ def cpu_library(tmp_path_factory):
     print(f'\nkernels/dwconv CPU kernel compiled in {time.perf_counter() - start:.1f} s')
     assert callable(function)
     return function
+
+
+def plant_library(path: Path, marker: Path) -> None:
+    """A library at ``path`` that creates ``marker`` when it is loaded."""
+    source = path.parent / 'planted.c'
+    source.write_text(f'#include <stdio.h>\n__attribute__((constructor)) static void planted(void) '
+                      f'{{ fclose(fopen("{marker}", "w")); }}\n')
+    subprocess.run(['cc', '-shared', '-fPIC', str(source), '-o', str(path)], check=True)
+
+
+@pytest.mark.parametrize('danger', ['writable by others', 'owned by another user'])
+def test_a_build_folder_others_could_write_to_is_refused_and_its_library_never_loaded(fresh_state, monkeypatch,
+                                                                                     tmp_path, caplog, danger):
+    # Mutation caught: no ownership / mode check (the planted library ran its code on load).
+    if danger == 'owned by another user' and os.getuid() != 0:
+        pytest.skip('making a folder of another user needs root')
+    shared = tmp_path / 'shared'
+    compiler = dwconv_cpu._compiler()
+    library = Path(dwconv_cpu.library_path(str(shared), compiler))
+    library.parent.mkdir(parents=True)
+    marker = tmp_path / 'planted-code-ran'
+    plant_library(library, marker)
+    if danger == 'writable by others':
+        shared.chmod(0o777)
+    else:
+        os.chown(shared, 65534, 65534)
+    monkeypatch.setenv('FAT_KERNELS_BUILD_DIR', str(shared))
+    with caplog.at_level(logging.WARNING, logger='kernels.dwconv'):
+        assert dwconv_build.load_cpu_library() is None
+    assert not marker.exists()
+    expected = 'can be written by other users' if danger == 'writable by others' else 'belongs to another user'
+    assert any(expected in message and str(shared) in message for message in warnings_from(caplog)), caplog.text
 
 
 def gradients(op, x, w, b, stride, grad_seed=0):

@@ -2,9 +2,11 @@
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import cv2
 import numpy as np
@@ -69,9 +71,18 @@ def loss(stdout: str) -> float:
     return float(re.findall(r'Accuracy of the network .* loss ([\d.]+)\)', stdout)[-1])
 
 
-def test_train_one_process_writes_outputs_then_auto_resumes(image_folder, tmp_path):
+@pytest.fixture(scope='module')
+def one_run(image_folder, tmp_path_factory) -> Tuple[Path, subprocess.CompletedProcess]:
+    """One epoch of TINY_OPTS in one process (SAVE_FREQ 1): its run folder and main.py's output."""
+    out = tmp_path_factory.mktemp('one_run')
+    proc = run_main(*train_args(image_folder, out, 'SAVE_FREQ', '1'))
+    return out / 'fat_b0' / 'default', proc
+
+
+def test_train_one_process_writes_outputs_then_auto_resumes(image_folder, tmp_path, one_run):
+    trained, first = one_run
     run = tmp_path / 'fat_b0' / 'default'
-    first = run_main(*train_args(image_folder, tmp_path, 'SAVE_FREQ', '1'))
+    shutil.copytree(trained, run)  # the same command again, in a copy of the folder
     assert re.search(r'Train: \[0/1\]\[\d+/6\]\s+eta \S+ lr [\d.e+-]+\s+time .*\sloss [\d.]+\s+grad_norm [\d.]+\s+mem \d+MB',
                      first.stdout)
     for name in ('log.txt', 'config.yaml', 'ckpt_last.pth', 'ckpt_best.pth', 'ckpt_epoch_0.pth'):
@@ -107,38 +118,38 @@ def test_train_two_processes_under_torchrun(image_folder, tmp_path):
         assert loss(evaluated.stdout) == float(trained), path
 
 
-def test_eval_of_own_checkpoint_reproduces_training_accuracy(image_folder, tmp_path):
-    trained = run_main(*train_args(image_folder, tmp_path))
-    run = tmp_path / 'fat_b0' / 'default'
-    evaluated = run_main('--eval', '--resume', run / 'ckpt_last.pth', *train_args(image_folder, tmp_path))
+def test_eval_of_own_checkpoint_reproduces_training_accuracy(image_folder, one_run):
+    run, trained = one_run
+    output = run.parent.parent  # the run's own folder: evaluating there must not change its config
+    evaluated = run_main('--eval', '--resume', run / 'ckpt_last.pth', *train_args(image_folder, output))
     assert accuracy(evaluated.stdout) == accuracy(trained.stdout)
     assert 'top-5' in evaluated.stdout and 'loss' in evaluated.stdout
-    deployed = run_main('--eval', '--reparam', '--resume', run / 'ckpt_last.pth', *train_args(image_folder, tmp_path))
+    deployed = run_main('--eval', '--reparam', '--resume', run / 'ckpt_last.pth', *train_args(image_folder, output))
     assert 'deploy form' in deployed.stdout
     assert loss(deployed.stdout) == pytest.approx(loss(evaluated.stdout), abs=1e-4)
     assert yaml.safe_load((run / 'config.yaml').read_text())['EVAL_MODE'] is False, 'eval keeps the run config'
 
 
-@pytest.mark.parametrize('wrap', ['authors', 'bare'])
-def test_eval_accepts_authors_and_bare_checkpoints(tmp_path, wrap):
+def test_eval_accepts_authors_and_bare_checkpoints(tmp_path):
     vector_path = TESTDATA / 'tiny_vector.pth'
     if not vector_path.exists():
         pytest.skip('test vectors not found')
     vector = torch.load(vector_path, weights_only=True)
-    ckpt = tmp_path / 'official.pth'
-    torch.save({'model': vector['state_dict'], 'epoch': 299} if wrap == 'authors' else vector['state_dict'], ckpt)
+    authors, bare = tmp_path / 'official.pth', tmp_path / 'bare.pth'
+    torch.save({'model': vector['state_dict'], 'epoch': 299}, authors)
+    torch.save(vector['state_dict'], bare)
     data = make_image_folder(tmp_path / 'data', classes=10, train_per_class=1, val_per_class=2, size=64)
     ours = tmp_path / 'ours.pth'
     torch.save({'model': checkpoint_filter_fn(vector['state_dict'])}, ours)
     cfg = vector['config']
     losses = []
-    for path in (ckpt, ours):
+    for path in (authors, bare, ours):
         proc = run_main('--eval', '--resume', path, '--data-path', data, '--output', tmp_path, '--batch-size', 8,
                         '--opts', 'MODEL.FAT.EMBED_DIMS', str(cfg['embed_dims']), 'MODEL.FAT.DEPTHS',
                         str(cfg['depths']), 'MODEL.FAT.NUM_HEADS', str(cfg['num_heads']), 'DATA.IMG_SIZE', '64',
                         'DATA.NUM_WORKERS', '0', 'TEST.CROP', 'False')
         losses.append(loss(proc.stdout))
-    assert losses[0] == losses[1], 'the authors\' layout loads as the same weights'
+    assert losses[0] == losses[1] == losses[2], 'the authors\' layout, wrapped or bare, loads as the same weights'
 
 
 def seconds_of(timedelta: str) -> int:
@@ -254,6 +265,9 @@ def test_variant_configs_carry_the_paper_recipe(variant, dims, depths, heads, dr
     (['TRAIN.ACCUMULATION_STEPS', '0'], 'TRAIN.ACCUMULATION_STEPS is 0; it must be at least 1'),
     (['TAG', '../other'], "TAG is '../other'"),
     (['MODEL.NAME', '..'], "MODEL.NAME is '..'"),
+    (['TAG', 'run\x1b[2J'], "TAG is 'run\\x1b[2J'; it names a folder inside OUTPUT, so it must be a plain name "
+                           "(printable"),
+    (['TAG', 'a\nb'], "TAG is 'a\\nb'"),
 ])
 def test_a_value_outside_a_keys_choices_is_named(opts, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
@@ -283,6 +297,15 @@ def test_base_files_resolve_against_the_including_file_and_cycles_are_named(tmp_
     (tmp_path / 'b.yaml').write_text("BASE: ['a.yaml']\n")
     with pytest.raises(ConfigError, match='cycle'):
         config_from(cfg=str(tmp_path / 'a.yaml'))
+
+
+@pytest.mark.parametrize('base', ['fat_b0_224.yaml', '', '[1, 2]'])
+def test_a_base_that_is_not_a_list_of_files_is_one_line(tmp_path, base):
+    # Mutation caught: BASE iterated as it is (a string's letters were taken as files; None crashed).
+    (tmp_path / 'run.yaml').write_text(f'BASE: {base}\nSEED: 3\n')
+    with pytest.raises(ConfigError, match=r"run\.yaml: BASE is .*; it must be a list of yaml files, e\.g\. BASE: "
+                                          r"\['base\.yaml'\]"):
+        config_from(cfg=str(tmp_path / 'run.yaml'))
 
 
 def test_reparam_is_refused_for_training():

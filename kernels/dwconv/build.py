@@ -11,6 +11,7 @@ from typing import Callable, Dict
 import torch
 
 from . import cpu, toolchain
+from .trusted import private_folder
 
 logger = logging.getLogger('kernels.dwconv')
 
@@ -20,13 +21,12 @@ _loaded: Dict[str, object] = {}
 
 def build_directory() -> str:
     """Where builds go: ``$FAT_KERNELS_BUILD_DIR``, else ``~/.cache/fat_kernels/<torch>-<cuda>-sm<archs>``
-    (a build for other GPUs, or another torch, never shares a folder)."""
+    (a build for other GPUs, or another torch, never shares a folder); refused as
+    ``trusted.check_private`` says when others could plant code there."""
     archs = toolchain.arch_list().replace(';', '_').replace(' ', '_').replace('.', '')
     default = os.path.join(os.path.expanduser('~'), '.cache', 'fat_kernels',
                            f'torch{torch.__version__}-cuda{torch.version.cuda}-sm{archs}'.replace('+', '_'))
-    path = os.environ.get('FAT_KERNELS_BUILD_DIR', default)
-    os.makedirs(path, exist_ok=True)
-    return path
+    return private_folder(os.environ.get('FAT_KERNELS_BUILD_DIR', default))
 
 
 def _error_summary(error: BaseException) -> str:

@@ -23,6 +23,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .trusted import check_private, private_folder
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dwconv_cpu.cpp')
 LIBRARY_NAME = 'libfat_dwconv_cpu.so'
 COMPILE_FLAGS = ['-O3', '-march=native', '-shared', '-fPIC', '-pthread', '-std=c++17']
@@ -54,7 +56,6 @@ def library_path(build_root: str, compiler: str) -> str:
 def _build(path: str, compiler: str) -> None:
     """Compile into a temporary file beside ``path`` and rename it into place (atomic, so processes
     building at the same time never load a half-written library)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
     os.close(fd)
     try:
@@ -68,15 +69,17 @@ def _build(path: str, compiler: str) -> None:
 
 
 def build_library(build_root: str):
-    """The compiled weight-gradient function, built into ``build_root`` unless already there. Raises
-    when there is no compiler or the build fails (``kernels.dwconv.load_cpu_library`` turns that into
-    one warning)."""
+    """The compiled weight-gradient function, built into ``build_root`` unless already there; its
+    folder and the library must be private to this user (``trusted``). Raises when there is no compiler, the build fails or the files
+    are not private (``kernels.dwconv.load_cpu_library`` turns that into one warning)."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError('no C++ compiler found (set CXX)')
     path = library_path(build_root, compiler)
+    private_folder(os.path.dirname(path))
     if not os.path.exists(path):
         _build(path, compiler)
+    check_private(path)
     function = ctypes.CDLL(path).fat_dwconv_weight_bias_grad_nhwc
     function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 10
     function.restype = ctypes.c_int
