@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, Optional, Sequence, Tuple
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -28,7 +29,7 @@ _C.DATA.FORMAT = 'auto'  # 'folder', 'shards' (written by python -m data.shards)
 _C.DATA.LOADER = 'torch'  # 'torch' (DataLoader workers, PIL) or 'dali' (NVIDIA DALI: GPU decoding, CPU on --device cpu)
 _C.DATA.SHARD_CACHE = ''  # local folder for shards read from a URL or pipe: (default ~/.cache/fat/shards)
 _C.DATA.FETCH_RETRIES = 4  # a failed fetch of a remote file (5xx, reset, pipe: command failed) is tried again this often
-_C.DATA.FETCH_TIMEOUT = 900  # seconds one remote file may take in all; no data for 60 s (or this, if less) also fails
+_C.DATA.FETCH_TIMEOUT = 900.0  # seconds one remote file may take in all; no data for 60 s (or this, if less) also fails
 _C.DATA.DATASET = 'imagenet'  # 'imagenet' (any ImageFolder) or 'digits' (made from scikit-learn when DATA_PATH is empty)
 _C.DATA.IMG_SIZE = 224  # training and test resolution
 _C.DATA.IN_CHANS = 3  # image channels fed to the model
@@ -223,6 +224,29 @@ def _lookup(config: CN, key: str):
     return node
 
 
+def _widen_ints(config: CN, data: dict, prefix: str = '') -> dict:
+    """``data`` (a yaml mapping) with whole numbers given for float keys as floats (``BASE_LR: 1``,
+    ``DIST_TIMEOUT: 60``): yacs would refuse them as a type mismatch."""
+    widened = {}
+    for key, value in data.items():
+        full = f'{prefix}{key}'
+        if isinstance(value, dict):
+            value = _widen_ints(config, value, f'{full}.')
+        elif isinstance(value, int) and not isinstance(value, bool) and isinstance(_lookup(config, full), float):
+            value = float(value)
+        widened[key] = value
+    return widened
+
+
+def _widen_int_opts(config: CN, opts: Sequence[str]) -> List[str]:
+    """--opts KEY VALUE pairs with a whole number given for a float key written as a float."""
+    pairs = list(opts)
+    for i in range(0, len(pairs) - 1, 2):
+        if isinstance(_lookup(config, pairs[i]), float) and re.fullmatch(r'\s*[+-]?\d+\s*', str(pairs[i + 1])):
+            pairs[i + 1] = str(float(pairs[i + 1]))
+    return pairs
+
+
 def _has(config: CN, key: str) -> bool:
     return _lookup(config, key) is not None
 
@@ -256,7 +280,7 @@ def _merge_file(config: CN, path: str, choices: dict, including: Tuple[str, ...]
             _merge_file(config, os.path.join(os.path.dirname(path), base), choices, including + (real,))
     config.defrost()
     try:
-        config.merge_from_other_cfg(CN(data))
+        config.merge_from_other_cfg(CN(_widen_ints(config, data)))
     except (KeyError, ValueError, AssertionError) as error:
         raise ConfigError(f'{path}: {_yacs_message(error)}') from error
     _check(config, path, choices)
@@ -297,7 +321,7 @@ def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] 
         if len(opts) % 2:
             raise ConfigError(f'--opts takes KEY VALUE pairs; got an odd number of items: {" ".join(opts)}')
         try:
-            config.merge_from_list(opts)
+            config.merge_from_list(_widen_int_opts(config, opts))
         except (KeyError, ValueError, AssertionError) as error:
             raise ConfigError(f'--opts: {_yacs_message(error)}') from error
     for flag, (key, switch_value, _) in _FLAGS.items():

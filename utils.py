@@ -19,7 +19,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from contextlib import nullcontext
 from typing import BinaryIO, Callable, List, Optional, Tuple, TypeVar
 
@@ -134,8 +133,10 @@ def init_distributed(device_name: str, timeout_minutes: float = 30.0) -> Tuple[i
     if use_cuda:
         torch.cuda.set_device(device)
     if 'RANK' in os.environ and int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        global _timeout
+        _timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+                                timeout=_timeout)
     return *rank_world(), device
 
 
@@ -159,6 +160,7 @@ def where_suffix() -> str:
 
 
 _cpu_group = None
+_timeout: Optional[datetime.timedelta] = None  # the process group's, for the groups made from it
 
 
 def leave_process_group() -> None:
@@ -173,7 +175,8 @@ def cpu_group():
     (the world group itself on gloo runs); made once, by every process at the same point."""
     global _cpu_group
     if _cpu_group is None:
-        _cpu_group = dist.group.WORLD if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo')
+        _cpu_group = dist.group.WORLD if dist.get_backend() == 'gloo' else dist.new_group(backend='gloo',
+                                                                                          timeout=_timeout)
     return _cpu_group
 
 
@@ -255,14 +258,15 @@ def prepare_together(prepare: Callable[[], T], device: torch.device, logger: log
     worker = threading.Thread(target=run, name='prepare', daemon=True)
     worker.start()
     if is_distributed():
-        last_report = time.monotonic()
+        report_every = max(1, round(PREPARE_REPORT_SECONDS / poll_seconds))  # polls: the same on every process
+        polls = 0
         while True:
             worker.join(poll_seconds)
             done = torch.tensor([int(not worker.is_alive())], dtype=torch.int32)
             if all_reduce(done, 'min', group=cpu_group()).item():
                 break
-            if time.monotonic() - last_report >= PREPARE_REPORT_SECONDS:
-                last_report = time.monotonic()
+            polls += 1
+            if polls % report_every == 0:
                 states = gather_objects((not worker.is_alive(), socket.gethostname(), _progress_note[0]),
                                         group=cpu_group())
                 waiting = [f'rank {rank} on {host}' + (f' ({note})' if note else '')
@@ -427,7 +431,13 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None],
 
     try:
         with open(tmp, 'wb', opener=create) as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as error:  # torch.save reports a failed write of a large tensor so
+                failed = _os_error_behind(error)
+                if failed is None:
+                    raise
+                raise OSError(failed.errno, failed.strerror, tmp) from error
             f.flush()
             os.fsync(f.fileno())
         if check is not None:
@@ -441,6 +451,17 @@ def write_atomically(path: str, write: Callable[[BinaryIO], None],
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _os_error_behind(error: BaseException) -> Optional[OSError]:
+    """The OSError that ``error`` was raised from or while handling, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def atomic_save(obj: dict, path: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import http.client
 import logging
 import os
 import random
@@ -31,7 +32,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -232,7 +233,7 @@ class Fetcher:
             if error.code >= 500 or error.code in (408, 429):
                 raise TransientFetchError(f'HTTP {error.code} {error.reason}') from None
             raise DataError(f'cannot fetch {url}: HTTP {error.code} {error.reason}') from None
-        except (urllib.error.URLError, OSError) as error:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:  # HTTPException: a cut response
             if is_disk_full(error):
                 raise
             reason = getattr(error, 'reason', None) or error
@@ -245,9 +246,11 @@ class Fetcher:
             proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
             try:
                 fd = proc.stdout.fileno()
+                readable = select.poll()  # not select.select: a worker may hold more than 1024 descriptors
+                readable.register(fd, select.POLLIN)
                 while True:
                     wait = min(stall, deadline - time.monotonic())
-                    if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                    if wait <= 0 or not readable.poll(wait * 1000):
                         raise TransientFetchError(f'the command sent no data for {stall:g} s' if wait > 0 else
                                                   f'it took longer than DATA.FETCH_TIMEOUT ({self.timeout:g} s)')
                     chunk = os.read(fd, 1 << 20)
@@ -302,6 +305,11 @@ class Fetcher:
                 logger.info(line)
 
         with ThreadPoolExecutor(FETCH_THREADS) as pool:
-            list(pool.map(fetch, missing))
+            pending = [pool.submit(fetch, entry) for entry in missing]
+            for future in as_completed(pending):  # the first failure stops the rest (in order, the last file's
+                if future.exception() is not None:  # failure would wait for all before it)
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()
         note_progress('')
 

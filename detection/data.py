@@ -12,13 +12,28 @@ import os
 from typing import List, Tuple
 
 import torch
+from PIL import Image
 from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
 from data import build_eval_loader, build_train_loader
 from data.digit_canvases import dense_data_root
-from utils import DataError
+from data.shards import UNREADABLE_IMAGE
+from utils import DataError, SampleError
+
+
+class _CocoDetection(datasets.CocoDetection):
+    """torchvision's CocoDetection, where an image that cannot be read (broken, or so large that it is
+    likely a decompression bomb) is one error naming it rather than PIL's traceback."""
+
+    def _load_image(self, id: int) -> Image.Image:
+        path = os.path.join(self.root, self.coco.loadImgs(id)[0]['file_name'])
+        try:
+            with Image.open(path) as image:
+                return image.convert('RGB')
+        except UNREADABLE_IMAGE as error:
+            raise SampleError(f'cannot read image {path}: {error}') from error
 
 
 def _coco(root: str, images: str, annotations: str, transforms, keys: Tuple[str, ...]):
@@ -28,7 +43,7 @@ def _coco(root: str, images: str, annotations: str, transforms, keys: Tuple[str,
             raise DataError(f'COCO {what} not found: {path} (check --data-path and DATA.*_IMAGES / DATA.*_ANNOTATIONS)')
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            dataset = datasets.CocoDetection(image_dir, ann_file, transforms=transforms)
+            dataset = _CocoDetection(image_dir, ann_file, transforms=transforms)
     except (ValueError, KeyError) as error:
         raise DataError(f'{ann_file} is not a COCO annotation file: {error}') from error
     return datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=keys)

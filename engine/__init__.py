@@ -15,8 +15,9 @@ which one a run resumes.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -24,9 +25,9 @@ import torch.nn as nn
 from config import output_dir, parse_command_line
 from logger import create_logger
 from models import check_architecture
-from utils import (ConfigError, FolderLock, UserInputError, agree, amp_dtype, fit_cpu_threads, init_distributed,
-                   keep_freed_memory, leftover_temporaries, load_checkpoint_file, prepare_together, run_entry_point,
-                   seed_everything)
+from utils import (ConfigError, DataError, FolderLock, UserInputError, agree, amp_dtype, cpu_group,
+                   fit_cpu_threads, gather_objects, init_distributed, is_distributed, keep_freed_memory,
+                   leftover_temporaries, load_checkpoint_file, prepare_together, run_entry_point, seed_everything)
 
 from .checkpoints import config_changes, load_weights
 from .task import Session, Task, TaskData
@@ -98,6 +99,27 @@ def claim_run_folder(session: Session) -> None:
     agree(problem)
 
 
+def check_same_data(data: TaskData) -> None:
+    """Every process must read the same data set (classes, size): a node whose local copy is incomplete
+    or of another version would otherwise train other steps per epoch and leave the rest waiting."""
+    if not is_distributed():
+        return
+    seen = gather_objects((data.identity, socket.gethostname()), group=cpu_group())
+    others = [(rank, identity, host) for rank, (identity, host) in enumerate(seen) if identity != seen[0][0]]
+    if others:
+        rank, identity, host = others[0]
+        keys = [key for key in identity if identity[key] != seen[0][0].get(key)]
+        raise DataError(f'the processes read different data: rank 0 on {seen[0][1]} has {_summary(seen[0][0], keys)}, '
+                        f'rank {rank} on {host} has {_summary(identity, keys)} ({len(others)} of {len(seen)} processes '
+                        'differ from rank 0). Every node must read the same data set: check DATA.DATA_PATH on each node')
+
+
+def _summary(identity: dict, keys: List[str]) -> str:
+    """``identity``'s ``keys`` in words: a count, or the number of names and the first few."""
+    return ', '.join(f'{key} {identity.get(key)}' if not isinstance(identity.get(key), (list, tuple)) else
+                     f'{len(identity[key])} {key} ({", ".join(map(str, identity[key][:3]))} ...)' for key in keys)
+
+
 def build_model(task: Task) -> nn.Module:
     """``task.build_model()`` (on the CPU), its size logged; a bad architecture argument is a config error."""
     try:
@@ -125,6 +147,7 @@ def train_or_evaluate(task: Task) -> Dict[str, float]:
     if not config.EVAL_MODE:
         claim_run_folder(session)
     data = prepare_together(task.build_data, session.device, session.logger)
+    check_same_data(data)
     session.logger.info(data.description)
     model = to_device(build_model(task), session)
     if not config.EVAL_MODE:

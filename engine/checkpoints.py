@@ -125,11 +125,16 @@ def survey(out_dir: str, identity: dict, config) -> Survey:
 def choose(found: Survey, out_dir: str, config, logger: logging.Logger) -> Tuple[Optional[str], Optional[tuple]]:
     """(the checkpoint to resume, its position) from rank 0's survey: with TRAIN.AUTO_RESUME the run
     folder's newest, unless MODEL.RESUME is further in training (a --resume left on the command line
-    never takes a run back); else MODEL.RESUME. A folder whose checkpoints all cannot be read is
-    refused rather than trained over."""
+    never takes a run back); else MODEL.RESUME. A folder whose checkpoints cannot be read, or would
+    not be resumed (TRAIN.AUTO_RESUME False without MODEL.RESUME), is refused rather than trained over."""
     if found.foreign:
         raise CheckpointError(found.foreign)
     requested, newest = config.MODEL.RESUME, found.newest if config.TRAIN.AUTO_RESUME else None
+    if not requested and not config.TRAIN.AUTO_RESUME and found.resumable:
+        place, path = found.resumable[0]
+        raise CheckpointError(f'{out_dir} holds checkpoints ({os.path.basename(path)}: {describe_position(place)}) '
+                              'and TRAIN.AUTO_RESUME is False: a new run would write over them. Start a separate run '
+                              'with --tag NAME, or continue one with --resume FILE')
     if not requested and newest is None and found.unusable:
         listed = '; '.join(f'{os.path.basename(path)}: {why}' for path, why in found.unusable[:3])
         raise CheckpointError(f'{out_dir} holds checkpoints but none can be resumed ({listed}); a new run would '

@@ -124,7 +124,7 @@ class Trainer:
         config, session = self.config, self.session
         self.resume()
         self._write_on_rank_0(lambda: atomic_write_text(config.dump(), os.path.join(session.out_dir, 'config.yaml')),
-                              'config.yaml', len(config.dump()))
+                              'write config.yaml', len(config.dump()))
         if session.rank == 0:
             self.writer = SummaryWriter(session.out_dir)
         self.logger.info(f'config:\n{config.dump()}')
@@ -339,7 +339,7 @@ class Trainer:
             (progress.epoch + 1) % config.SAVE_FREQ == 0 or progress.epoch + 1 == config.TRAIN.EPOCHS)
         state = self.state_dict(rng_states, loader_states) if self.session.rank == 0 else {}
         self._write_on_rank_0(lambda: checkpoints.write(self.session.out_dir, state, periodic, is_best, config.SAVE_KEEP,
-                                                        self.logger), 'a checkpoint', checkpoints.state_bytes(state))
+                                                        self.logger), 'write a checkpoint', checkpoints.state_bytes(state))
 
     def _write_on_rank_0(self, write, what: str, size: int) -> None:
         """``write()`` on rank 0 while the others wait; a write that fails (disk full, quota, I/O
@@ -353,7 +353,7 @@ class Trainer:
                 if is_disk_full(error):
                     free = shutil.disk_usage(self.session.out_dir).free
                     space = f' (it needs about {size / 2 ** 20:.0f} MB, {free / 2 ** 20:.0f} MB are free)'
-                problem = CheckpointError(f'cannot write {what} in {self.session.out_dir}: {error.strerror}{space}; '
+                problem = CheckpointError(f'cannot {what} in {self.session.out_dir}: {error.strerror}{space}; '
                                           'the files written before are kept. Make room (or fix the folder) and run '
                                           'the same command again')
         agree(problem)
@@ -378,9 +378,9 @@ class Trainer:
         path, chosen_at = broadcast_object(choice)
         rank_0_newest = broadcast_object(found.newest[0] if found.newest else None)
         agree(checkpoints.check_one_folder(found, rank_0_newest, session.out_dir, session.rank))
-        if session.rank == 0:
-            first_epoch = chosen_at[0] if chosen_at else 0
-            checkpoints.set_aside_unusable(found, first_epoch, config.TRAIN.EPOCHS, self.logger)
+        first_epoch = chosen_at[0] if chosen_at else 0
+        self._write_on_rank_0(lambda: checkpoints.set_aside_unusable(found, first_epoch, config.TRAIN.EPOCHS, self.logger),
+                              'set the unreadable checkpoints aside', 0)
         self.progress.best_metric = broadcast_object(found.best_seen)
         self.progress.saves = broadcast_object(found.saves)
         if path:

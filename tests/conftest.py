@@ -1,9 +1,11 @@
 """Fixtures shared by the test modules."""
 import http.server
 import os
+import struct
 import subprocess
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,8 @@ def saved_bytes():
 class FileServer:
     """An HTTP server on 127.0.0.1 that serves the files of ``folder`` by name. ``requests`` counts
     the requests per name; ``faults[name]`` lists what the next requests of ``name`` get: an HTTP
-    status, 'stall' (headers, then nothing for 8 s), 'trickle' (a byte every 0.3 s) or 'ok'."""
+    status, 'stall' (headers, then nothing for 8 s), 'trickle' (a byte every 0.3 s), 'cut' (half the
+    file chunked, then the connection closes) or 'ok'."""
 
     def __init__(self, folder: Path):
         self.folder, self.requests, self.faults = folder, {}, {}
@@ -42,6 +45,13 @@ class FileServer:
                     return
                 body = path.read_bytes()
                 self.send_response(200)
+                if fault == 'cut':  # chunked, the last chunk never sent: the client's read fails mid-way
+                    self.send_header('Transfer-Encoding', 'chunked')
+                    self.end_headers()
+                    half = body[:len(body) // 2]
+                    self.wfile.write(f'{len(half):x}\r\n'.encode() + half + b'\r\n')
+                    self.close_connection = True
+                    return
                 self.send_header('Content-Length', str(len(body)))
                 self.end_headers()
                 if fault == 'stall':
@@ -51,6 +61,7 @@ class FileServer:
                         self.wfile.write(bytes([byte]))
                         self.wfile.flush()
                         time.sleep(0.3)
+
                 else:
                     self.wfile.write(body)
 
@@ -100,3 +111,13 @@ def tmpfs(tmp_path):
     yield mount
     for folder in mounts:
         subprocess.run(['umount', str(folder)], check=True)
+
+
+@pytest.fixture
+def bomb_png() -> bytes:
+    """A PNG whose header claims 40000 x 40000 pixels (and holds none): PIL refuses it as a likely
+    decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 40000, 40000, 8, 2, 0, 0, 0))
+            + chunk(b'IEND', b''))

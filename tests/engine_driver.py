@@ -16,10 +16,11 @@ Two scenarios run the entry point itself (``utils.run_entry_point``), whose outp
 
 - ``output-one-rank``: process r's OUTPUT is BASE/rank{r}; rank 1's cannot be written.
 - ``train-per-rank``: process r trains in BASE/rank{r} (a folder on each node's own disk).
+- ``data-per-rank``: process r reads DATA/rank{r} (each node's own copy of the data set).
 
-- ``timeout``: DIST_TIMEOUT 0.1 minutes. Rank 1 prepares its data 9 s longer than rank 0 (a node
+- ``timeout``: DIST_TIMEOUT 0.1 minutes. Rank 1 prepares its data 8 s longer than rank 0 (a node
   with a cold cache): training must go on, with rank 0 saying whom it waits for. Then rank 1 comes
-  to a barrier 9 s late: rank 0 must give up after about 6 s and print how long it waited.
+  to a barrier 8 s late: rank 0 must give up after about 6 s and print how long it waited.
 """
 import os
 import sys
@@ -58,12 +59,12 @@ class NonFiniteOnRank1(Classification):
 
 
 class SlowDataOnRank1(Classification):
-    """Classification whose data take rank 1 9 s longer to prepare."""
+    """Classification whose data take rank 1 8 s longer to prepare."""
 
     def build_data(self):
         if self.session.rank == 1:
             note_progress('fetching shard 3 of 7')
-            time.sleep(9)
+            time.sleep(8)
         return super().build_data()
 
 
@@ -80,7 +81,9 @@ def config_of(output: str, data: str, *opts: str):
 
 def main(scenario: str, base: str, data: str) -> None:
     rank = int(os.environ['RANK'])
-    if scenario in ('output-one-rank', 'train-per-rank'):
+    if scenario in ('output-one-rank', 'train-per-rank', 'data-per-rank'):
+        if scenario == 'data-per-rank':
+            data = os.path.join(data, f'rank{rank}')
         config = config_of(os.path.join(base, f'rank{rank}'), data, 'TRAIN.EPOCHS', '2')
         run_entry_point(lambda: engine.train_or_evaluate(Classification(engine.start(config))))
         print(f'rank {rank}: finished', flush=True)
@@ -92,7 +95,7 @@ def main(scenario: str, base: str, data: str) -> None:
         print(f'rank {rank}: trained', flush=True)
         started = time.time()
         if rank == 1:
-            time.sleep(9)
+            time.sleep(8)
         try:
             torch.distributed.barrier()
             print(f'rank {rank}: barrier passed after {time.time() - started:.0f} s', flush=True)

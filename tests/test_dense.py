@@ -280,6 +280,22 @@ def test_entry_point_reports_bad_input_in_one_line(tmp_path):
     assert 'Traceback' not in missing.stderr
 
 
+@pytest.mark.parametrize('content', ['not an image', 'decompression bomb'])
+def test_a_detection_image_that_cannot_be_read_is_named(canvases, tmp_path, content, bomb_png):
+    # Mutation caught: torchvision's own image loading (PIL's traceback, the file unnamed).
+    import shutil
+    from utils import SampleError
+    copy = tmp_path / 'canvases'
+    shutil.copytree(canvases, copy)
+    config = dense_config(det_defaults(), DET_CHOICES, 'detection/configs/digits_retinanet_fat_b0.yaml',
+                          'DATA.DATA_PATH', str(copy), 'DATA.NUM_WORKERS', '0')
+    dataset = task_of(DetectionTask, config, tmp_path).build_data().val.dataset
+    path = copy / config.DATA.VAL_IMAGES / dataset.coco.loadImgs(dataset.ids[0])[0]['file_name']
+    path.write_bytes(b'not a png' if content == 'not an image' else bomb_png)
+    with pytest.raises(SampleError, match=f'cannot read image {path}: '):
+        dataset[0]
+
+
 def test_digit_canvases_are_valid_coco_with_masks_matching_the_semantic_maps(canvases):
     with open(canvases / 'annotations' / 'instances_val.json') as f:
         data = json.load(f)

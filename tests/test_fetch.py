@@ -220,6 +220,29 @@ def test_a_shard_a_loader_worker_fetches_again_is_tried_again_and_never_dropped(
     assert np.array_equal(dataset[position][0], image), 'the shard is fetched when asked again'
 
 
+def test_a_response_cut_short_is_tried_again(served, tmp_path):
+    # Mutation caught: http.client's IncompleteRead not taken as transient (a traceback, no retry).
+    served.faults['val-000000.tar'] = ['cut']
+    ShardSet(served.url, cache_dir=str(tmp_path / 'cache'), retries=1).prefetch(['val'])
+    assert served.requests['val-000000.tar'] == 2
+
+
+def test_a_file_that_cannot_be_fetched_stops_the_prefetch_without_waiting_for_those_before_it(served, tmp_path,
+                                                                                               monkeypatch):
+    # Two at a time: the first shard stalls, the second is missing. Mutation caught: results taken in
+    # order (pool.map): the stall was reported, and meanwhile every later shard was fetched.
+    monkeypatch.setattr('data.fetch.FETCH_THREADS', 2)
+    shard_set = ShardSet(served.url, cache_dir=str(tmp_path / 'cache'), retries=0, timeout=2)
+    shard_set.index_paths('train')  # the .idx files first, so that the two threads take the first two shards
+    names = [entry['name'] for entry in shard_set.split('train')['shards']]
+    served.faults[names[0]] = ['stall']
+    (served.folder / names[1]).unlink()
+    with pytest.raises(DataError, match=f'{names[1]}: HTTP 404'):
+        shard_set.prefetch(['train'])
+    fetched = [name for name in served.requests if name.endswith('.tar')]
+    assert len(names) > 3 and len(fetched) <= 3, fetched  # the two, and at most one started meanwhile
+
+
 def test_a_pipe_command_that_fails_once_is_tried_again(shards, tmp_path):
     flag = tmp_path / 'failed-once'
     command = (f'pipe:if [ {{}} = val-000001.tar ] && [ ! -e {flag} ]; then touch {flag}; echo throttled >&2; '

@@ -259,24 +259,13 @@ def test_a_label_outside_the_classes_is_named_or_skipped(shards, tmp_path):
     assert skipping[int(member.split('.')[0])][1] in (0, 1, 2) and skipping.skipped == 1
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` pixels (and holds none)."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
-    return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)) + \
-        chunk(b'IEND', b'')
-
-
-def test_a_decompression_bomb_is_named_or_skipped(folder, tmp_path):
+def test_a_decompression_bomb_is_named_or_skipped(folder, tmp_path, bomb_png):
     # Mutation caught: PIL's DecompressionBombError not among the unreadable-image errors (it escaped
     # as a traceback, and SKIP_CORRUPT did not skip it).
     copy = tmp_path / 'folder'
     shutil.copytree(folder, copy)
     bomb = copy / 'train' / 'class_0' / '0.png'
-    bomb.write_bytes(png_claiming(40000, 40000))
+    bomb.write_bytes(bomb_png)
     with pytest.raises(SampleError, match=f'cannot read image {bomb}: Image size .* decompression bomb'):
         ImageFolder(str(copy / 'train'), raw)[0]
     skipping = ImageFolder(str(copy / 'train'), raw, skip_corrupt=True)

@@ -286,6 +286,17 @@ def test_python_configs_are_refused_unread(tmp_path):
     assert not marker.exists(), 'yacs would have executed the .py file'
 
 
+def test_a_whole_number_for_a_float_key_is_taken_as_a_float(tmp_path):
+    # Mutation caught: no widening (yacs refused "DIST_TIMEOUT 60" and "BASE_LR: 1" as a type mismatch).
+    (tmp_path / 'run.yaml').write_text('TRAIN:\n  BASE_LR: 1\n  EPOCHS: 3\n')
+    config = config_from('DIST_TIMEOUT', '60', 'DATA.FETCH_TIMEOUT', '1.5', cfg=str(tmp_path / 'run.yaml'))
+    assert (config.TRAIN.BASE_LR, config.DIST_TIMEOUT, config.DATA.FETCH_TIMEOUT) == (1.0, 60.0, 1.5)
+    assert all(isinstance(v, float) for v in (config.TRAIN.BASE_LR, config.DIST_TIMEOUT))
+    assert config.TRAIN.EPOCHS == 3 and isinstance(config.TRAIN.EPOCHS, int)
+    with pytest.raises(ConfigError, match='Type mismatch'):
+        config_from('TRAIN.EPOCHS', '2.5')  # a fraction for a whole-number key stays refused
+
+
 def test_base_files_resolve_against_the_including_file_and_cycles_are_named(tmp_path, monkeypatch):
     (tmp_path / 'recipes' / 'shared').mkdir(parents=True)
     (tmp_path / 'recipes' / 'shared' / 'base.yaml').write_text('TRAIN:\n  EPOCHS: 7\n')
