@@ -86,19 +86,18 @@ def run_entry_point(entry: Callable[[], None]) -> None:
     says so in one line and exits with 1 (the other's error is the one to read). The process group is
     destroyed where every process got as far (a gloo group left to the interpreter's shutdown can
     abort the process)."""
-    reporter = int(os.environ.get('RANK', 0)) == 0
     code, together = 0, True
     try:
         entry()
     except Preempted as stopped:
-        if reporter:
+        if _reporter():
             print(stopped.args[0], file=sys.stderr, flush=True)
         code = 128 + stopped.args[1]
     except ReportedError as error:
         if '--debug' in sys.argv:
             raise
         if error.every_rank:
-            if reporter:
+            if _reporter():
                 print(f'error: {one_line(error)}', file=sys.stderr, flush=True)
         else:
             print(f'error: {one_line(error)}{where_suffix()}', file=sys.stderr, flush=True)
@@ -115,6 +114,12 @@ def run_entry_point(entry: Callable[[], None]) -> None:
         sys.exit(code)
 
 
+def _reporter() -> bool:
+    """Whether this process prints what every process met: rank 0, or Slurm's task 0 under srun before
+    the engine has set RANK from it."""
+    return int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', 0))) == 0
+
+
 # What gloo says in a collective when another process of the run has exited.
 _PEER_GONE = re.compile(r'Connection closed by peer|Connection reset by peer')
 
@@ -128,8 +133,7 @@ def init_distributed(device_name: str, timeout_minutes: float = 30.0) -> Tuple[i
     use_cuda = device_name == 'cuda' or (not device_name and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise UserInputError('DEVICE (--device) is cuda but no CUDA device is visible; use --device cpu')
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    device = torch.device('cuda', local_rank) if use_cuda else torch.device('cpu')
+    device = torch.device('cuda', _local_gpu()) if use_cuda else torch.device('cpu')
     if use_cuda:
         torch.cuda.set_device(device)
     if 'RANK' in os.environ and int(os.environ.get('WORLD_SIZE', 1)) > 1:
@@ -138,6 +142,19 @@ def init_distributed(device_name: str, timeout_minutes: float = 30.0) -> Tuple[i
         dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None,
                                 timeout=_timeout)
     return *rank_world(), device
+
+
+def _local_gpu() -> int:
+    """This process's GPU: the LOCAL_RANK-th, or the only one it sees (Slurm's --gpus-per-task gives
+    each task its own)."""
+    local_rank, visible = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        shown = os.environ.get('CUDA_VISIBLE_DEVICES')
+        raise UserInputError(f'local rank {local_rank}, but this process sees {visible} GPUs'
+                             f'{f" (CUDA_VISIBLE_DEVICES={shown})" if shown else ""}: start one process per GPU')
+    return local_rank
 
 
 def is_distributed() -> bool:
@@ -292,8 +309,14 @@ def fit_cpu_threads(processes_on_this_machine: int) -> Optional[Tuple[int, int]]
     return before, after
 
 
+# The signals that stop a run with a save: SIGTERM and SIGINT, and SIGUSR1, Slurm's warning ahead of
+# a job's time limit (slurm.TIME_LIMIT_SIGNAL, sent by slurm/train.sbatch's --signal).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 class StopSignal:
-    """Turns the first SIGTERM or SIGINT into a request to stop at an optimizer-step boundary.
+    """Turns the first of the :data:`STOP_SIGNALS` into a request to stop at an optimizer-step boundary
+    (``earlier()``: one that came before, recorded elsewhere, asked once the handlers are in place).
 
     ``requested()`` is called once per optimizer step by every process. Alone, it answers from this
     process's flag. With several processes they must stop at the same step: each call starts an
@@ -302,40 +325,47 @@ class StopSignal:
     the same step, at most two optimizer steps after a signal reaches any of them.
     """
 
-    def __init__(self, logger: logging.Logger):
+    def __init__(self, logger: logging.Logger, earlier: Callable[[], int] = lambda: 0):
         self.signum = 0
         self.logger = logger
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
         self._group = cpu_group() if is_distributed() else None
         self._pending: Optional[Tuple[object, torch.Tensor]] = None
+        self.agreed = 0  # the signal the processes stop for (the highest number any received)
+        if earlier():
+            self._handle(earlier(), None)
 
     def _handle(self, signum, frame) -> None:
         if not self.signum:
             self.signum = signum
-            self.logger.info(f'received {signal.Signals(signum).name}: stopping at the next step to save a checkpoint')
+            why = ' (Slurm: the time limit is near)' if signum == signal.SIGUSR1 else ''
+            self.logger.info(f'received {signal.Signals(signum).name}{why}: stopping at the next step to save a '
+                             'checkpoint')
 
     def requested(self) -> int:
         """The signal number once this process (or, with several, any process) was signalled, else 0."""
         if self._group is None:
-            return self.signum
-        agreed = 0
+            self.agreed = self.signum
+            return self.agreed
         if self._pending is not None:
             work, flags = self._pending
             work.wait()
-            agreed = int(flags[0])
+            self.agreed = int(flags[0])
         flags = torch.tensor([self.signum], dtype=torch.int32)
         self._pending = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flags
-        return agreed
+        return self.agreed
 
     def close(self) -> None:
-        """Finish the all-reduce in flight, put the previous signal handlers back and let go of the process
-        group, so that destroying it really frees it (gloo work still alive while the interpreter shuts
-        down aborts the process)."""
+        """Finish the all-reduce in flight and let go of the process group, so that destroying it really
+        frees it (gloo work still alive while the interpreter shuts down aborts the process). Put the
+        previous signal handlers back, unless a signal came: a stopping process must not die of the
+        next one (Slurm signals a requeued job again) before it has said why it stopped."""
         if self._pending is not None:
             self._pending[0].wait()
         self._pending = self._group = None
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        if not self.signum:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
 
 
 # --- precision and memory -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from torchvision import datasets
 
-from utils import DataError, SampleError, rank_world
+from utils import STOP_SIGNALS, DataError, SampleError, rank_world
 
 from .digits import materialize_digits
 from .shards import (UNREADABLE_IMAGE, ShardDataset, ShardSet, SkippingReader, check_same_classes, is_remote,
@@ -109,11 +109,12 @@ class SeededSamples(Dataset):
 
 
 def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
-    """A loader worker ignores SIGTERM and SIGINT. Clusters signal every process of a job (Slurm) or
-    its whole process group (torchrun), workers included; a worker that died of it would take the run
-    down before the main process could save. The main process decides (utils.StopSignal)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A loader worker ignores the stop signals: SIGTERM, SIGINT and Slurm's time-limit SIGUSR1.
+    Clusters signal every process of a job (Slurm) or its whole process group (torchrun), workers
+    included; a worker that died of it would take the run down before the main process could save.
+    The main process decides (utils.StopSignal)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _end_loader_workers() -> None:

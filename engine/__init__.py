@@ -22,12 +22,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+import slurm
 from config import output_dir, parse_command_line
 from logger import create_logger
 from models import check_architecture
 from utils import (ConfigError, DataError, FolderLock, UserInputError, agree, amp_dtype, cpu_group,
                    fit_cpu_threads, gather_objects, init_distributed, is_distributed, keep_freed_memory,
-                   leftover_temporaries, load_checkpoint_file, prepare_together, run_entry_point, seed_everything)
+                   leftover_temporaries, load_checkpoint_file, prepare_together, run_entry_point,
+                   seed_everything)
 
 from .checkpoints import config_changes, load_weights
 from .task import Session, Task, TaskData
@@ -53,13 +55,16 @@ def _writable_folder(out_dir: str) -> Optional[UserInputError]:
 
 
 def start(config) -> Session:
-    """Join the other processes, fit the CPU threads, check the architecture, make the run folder and
-    the log; before any data is read. A folder that one process cannot write stops every process."""
+    """Join the other processes (under torchrun, or as Slurm's tasks under srun), fit the CPU threads,
+    check the architecture, make the run folder and the log; before any data is read. A folder that one
+    process cannot write stops every process."""
+    os.environ.update(slurm.torch_environment())
+    slurm.record_time_limit_signal()
     rank, world_size, device = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
     out_dir = output_dir(config)
     agree(_writable_folder(out_dir))
     logger = create_logger(out_dir, rank, name=config.MODEL.NAME)
-    lowered = fit_cpu_threads(int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    lowered = fit_cpu_threads(1 if slurm.task_has_own_cpus() else int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     heap_reuse = device.type == 'cpu' and keep_freed_memory()
     seed_everything(config.SEED + rank)
     try:
@@ -72,6 +77,9 @@ def start(config) -> Session:
                    if lowered else '')
                 + f'; {"autocast " + str(precision).split(".")[-1] if precision else "fp32"}'
                 + ('; large blocks kept on the heap for reuse (glibc mallopt)' if heap_reuse else ''))
+    job = slurm.job_description()
+    if job:
+        logger.info(job)
     return Session(config, rank, world_size, device, out_dir, logger)
 
 

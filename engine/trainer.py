@@ -19,6 +19,7 @@ from timm.utils import AverageMeter, ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
+import slurm
 from config import scaled_lrs
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
@@ -128,7 +129,7 @@ class Trainer:
         if session.rank == 0:
             self.writer = SummaryWriter(session.out_dir)
         self.logger.info(f'config:\n{config.dump()}')
-        self.stop = StopSignal(self.logger)
+        self.stop = StopSignal(self.logger, earlier=slurm.time_limit_signalled)
         start_time = time.time()
         try:
             while self.progress.epoch < config.TRAIN.EPOCHS:
@@ -137,7 +138,7 @@ class Trainer:
                     self._preempted(f'at epoch {self.progress.epoch} step {self.progress.step}/{self.steps_per_epoch}')
                 self.evaluate_epoch()
                 self.progress.epoch, self.progress.step = self.progress.epoch + 1, 0
-                if self.stop.requested():
+                if self.progress.epoch < config.TRAIN.EPOCHS and self.stop.requested():  # not once finished
                     self._preempted(f'after epoch {self.progress.epoch - 1}')
             self.logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
         finally:
@@ -147,10 +148,20 @@ class Trainer:
         return self.progress.metrics
 
     def _preempted(self, where: str) -> None:
-        signum = self.stop.signum or signal.SIGTERM
-        raise Preempted(f'stopped by {signal.Signals(signum).name} {where}; saved '
-                        f'{os.path.join(self.session.out_dir, CHECKPOINT_LAST)}. Run the same command again to '
-                        'continue from there.', signum)
+        """Stop after the save: for Slurm's time-limit signal, requeue the job (rank 0) first."""
+        signum = self.stop.agreed or self.stop.signum or signal.SIGTERM
+        saved = f'saved {os.path.join(self.session.out_dir, CHECKPOINT_LAST)}'
+        if signum != slurm.TIME_LIMIT_SIGNAL:
+            raise Preempted(f'stopped by {signal.Signals(signum).name} {where}; {saved}. Run the same command again '
+                            'to continue from there (a requeued Slurm job does).', signum)
+        # Every process waits for the requeue: srun ends the others as soon as one exits.
+        failed = broadcast_object(slurm.requeue() if self.session.rank == 0 else None)
+        self.logger.info(f'could not requeue the Slurm job: {failed}' if failed else
+                         f'requeued Slurm job {os.environ.get("SLURM_JOB_ID")}')
+        then = (f'could not requeue the job ({failed}); submit the same command again to continue from there'
+                if failed else f'requeued Slurm job {os.environ.get("SLURM_JOB_ID")}: it continues from there')
+        raise Preempted(f'stopped by {signal.Signals(signum).name} (the time limit is near) {where}; {saved}; {then}.',
+                        signum)
 
     def train_one_epoch(self) -> bool:
         """Train from ``progress.step`` to the end of ``progress.epoch``; False when a stop signal
