@@ -332,8 +332,9 @@ class StopSignal:
         self._group = cpu_group() if is_distributed() else None
         self._pending: Optional[Tuple[object, torch.Tensor]] = None
         self.agreed = 0  # the signal the processes stop for (the highest number any received)
-        if earlier():
-            self._handle(earlier(), None)
+        signum = earlier()
+        if signum:
+            self._handle(signum, None)
 
     def _handle(self, signum, frame) -> None:
         if not self.signum:
