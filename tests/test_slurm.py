@@ -5,6 +5,7 @@ The real-Slurm tests start munged (when it is not running), slurmctld and two sl
 on this machine, each with its own port) from a private configuration, and stop what they started by
 PID. Without Slurm they skip; under CI (CI=true) that is a failure, so CI cannot stop testing it."""
 import pytest
+import torch
 
 import slurm
 
@@ -69,6 +70,21 @@ def test_only_a_task_bound_to_cpus_of_its_own_keeps_them_all():
     assert not slurm.task_has_own_cpus({'SLURM_CPUS_ON_NODE': '64'}, cpus=8)  # the batch script
 
 
+def test_a_task_that_sees_one_gpu_uses_it_and_too_few_gpus_are_one_line(monkeypatch):
+    # --gpus-per-task 1 gives each task its own GPU as cuda:0 whatever its local rank. Mutations caught:
+    # cuda:LOCAL_RANK taken always (invalid device ordinal); a rank past the visible GPUs let through.
+    import utils
+    monkeypatch.setenv('LOCAL_RANK', '3')
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert utils._local_gpu() == 0
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 8)
+    assert utils._local_gpu() == 3
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '4,5')
+    with pytest.raises(utils.UserInputError, match=r'local rank 3, but this process sees 2 GPUs \(CUDA_VISIBLE_DEVICES=4,5\)'):
+        utils._local_gpu()
+
+
 def test_the_node_address_is_slurms_and_falls_back_to_the_name(tmp_path, monkeypatch):
     # A fake scontrol on PATH, as the real one prints a node; then none at all.
     fake = tmp_path / 'scontrol'
@@ -93,7 +109,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
 
 from test_training import ROOT, TINY_OPTS, make_image_folder, run_main  # noqa: E402
 
