@@ -154,14 +154,14 @@ class Trainer:
         if signum != slurm.TIME_LIMIT_SIGNAL:
             raise Preempted(f'stopped by {signal.Signals(signum).name} {where}; {saved}. Run the same command again '
                             'to continue from there (a requeued Slurm job does).', signum)
-        # Every process waits for the requeue: srun ends the others as soon as one exits.
+        # Every process waits until rank 0 has requeued the job: one that exits first, not 0, may make
+        # srun end the others (--kill-on-bad-exit) before the requeue.
         failed = broadcast_object(slurm.requeue() if self.session.rank == 0 else None)
-        self.logger.info(f'could not requeue the Slurm job: {failed}' if failed else
-                         f'requeued Slurm job {os.environ.get("SLURM_JOB_ID")}')
-        then = (f'could not requeue the job ({failed}); submit the same command again to continue from there'
-                if failed else f'requeued Slurm job {os.environ.get("SLURM_JOB_ID")}: it continues from there')
-        raise Preempted(f'stopped by {signal.Signals(signum).name} (the time limit is near) {where}; {saved}; {then}.',
-                        signum)
+        outcome = (f'could not requeue the job ({failed}); submit the same command again to continue from there'
+                   if failed else f'requeued Slurm job {os.environ.get("SLURM_JOB_ID")}: it continues from there')
+        self.logger.info(outcome)
+        raise Preempted(f'stopped by {signal.Signals(signum).name} (the time limit is near) {where}; {saved}; '
+                        f'{outcome}.', signum)
 
     def train_one_epoch(self) -> bool:
         """Train from ``progress.step`` to the end of ``progress.epoch``; False when a stop signal

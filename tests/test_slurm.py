@@ -307,7 +307,7 @@ def test_ahead_of_the_time_limit_the_job_saves_requeues_itself_and_completes(clu
     assert done['JobState'] == 'COMPLETED' and done['Restarts'] == '1', (tmp_path / f'{job}.out').read_text()[-3000:]
     assert torch.load(run_folder(out) / 'ckpt_last.pth', weights_only=True)['epoch'] == 7
     log = (run_folder(out) / 'log.txt').read_text()
-    assert 'received SIGUSR1 (Slurm: the time limit is near)' in log and f'requeued Slurm job {job}\n' in log
+    assert 'received SIGUSR1 (Slurm: the time limit is near)' in log and f'requeued Slurm job {job}: it continues from there\n' in log
     assert f'Slurm job {job} (fat) on n[1-2], restart 1' in log
 
 
