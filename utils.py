@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import slurm
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
@@ -309,9 +311,9 @@ def fit_cpu_threads(processes_on_this_machine: int) -> Optional[Tuple[int, int]]
     return before, after
 
 
-# The signals that stop a run with a save: SIGTERM and SIGINT, and SIGUSR1, Slurm's warning ahead of
-# a job's time limit (slurm.TIME_LIMIT_SIGNAL, sent by slurm/train.sbatch's --signal).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# The signals that stop a run with a save: SIGTERM and SIGINT, and Slurm's warning ahead of a job's
+# time limit (slurm.TIME_LIMIT_SIGNAL, SIGUSR1, sent by slurm/train.sbatch's --signal).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, slurm.TIME_LIMIT_SIGNAL)
 
 
 class StopSignal:
@@ -339,7 +341,7 @@ class StopSignal:
     def _handle(self, signum, frame) -> None:
         if not self.signum:
             self.signum = signum
-            why = ' (Slurm: the time limit is near)' if signum == signal.SIGUSR1 else ''
+            why = ' (Slurm: the time limit is near)' if signum == slurm.TIME_LIMIT_SIGNAL else ''
             self.logger.info(f'received {signal.Signals(signum).name}{why}: stopping at the next step to save a '
                              'checkpoint')
 
