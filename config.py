@@ -117,6 +117,16 @@ _C.AUG.MIXUP_SWITCH_PROB = 0.5  # probability of CutMix rather than Mixup when b
 _C.AUG.MIXUP_MODE = 'batch'  # batch, pair or elem
 
 # -----------------------------------------------------------------------------------------------
+# Knowledge distillation (DeiT's, from the logits of a frozen teacher)
+# -----------------------------------------------------------------------------------------------
+_C.DISTILL = CN()
+_C.DISTILL.TYPE = 'none'  # none (TEACHER unused), soft (KL divergence at temperature TAU) or hard (cross-entropy with its top class)
+_C.DISTILL.TEACHER = ''  # a timm model name, a local-dir:DIR / hf-hub:ORG/NAME folder, or a checkpoint of this project
+_C.DISTILL.TEACHER_WEIGHTS = ''  # weights file of a teacher named by timm name (else timm's own pretrained weights)
+_C.DISTILL.ALPHA = 0.5  # loss = (1 - ALPHA) x classification + ALPHA x distillation
+_C.DISTILL.TAU = 1.0  # soft distillation's temperature
+
+# -----------------------------------------------------------------------------------------------
 # Testing
 # -----------------------------------------------------------------------------------------------
 _C.TEST = CN()
@@ -142,7 +152,8 @@ _C.SEED = 0  # random seed (offset by rank)
 _C.DIST_TIMEOUT = 30.0  # minutes a collective waits for the slowest process before the run fails (process group)
 _C.EVAL_MODE = False  # only evaluate MODEL.RESUME
 _C.THROUGHPUT_MODE = False  # only measure training and inference throughput (synthetic batches, no data)
-_C.EXPORT = ''  # only write the model (MODEL.RESUME's weights, else fresh) to this .onnx or .pt2 file, checked
+_C.EXPORT = ''  # only write the model (MODEL.RESUME's weights, else fresh), checked: a .onnx or .pt2 file, or a
+# folder (no suffix) in the Hugging Face Hub form that timm loads (config.json, model.safetensors, README.md)
 
 # Keys that take one of a few words; checked after every merge so a typo is named before any work.
 _CHOICES = {
@@ -156,6 +167,7 @@ _CHOICES = {
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'poly', 'step', 'multistep'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
+    'DISTILL.TYPE': ('none', 'soft', 'hard'),
 }
 # Integer keys with a lower bound.
 _MINIMA = {'DATA.BATCH_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'PRINT_FREQ': 1, 'SAVE_FREQ': 0, 'SAVE_KEEP': 0,
@@ -163,7 +175,7 @@ _MINIMA = {'DATA.BATCH_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'PRINT_FREQ': 1,
            'DIST_TIMEOUT': 0.01}
 
 # Keys that only image classification (main.py) reads; detection and segmentation drop them.
-CLASSIFICATION_ONLY = ('AUG', 'TEST', 'MODEL.LABEL_SMOOTHING', 'MODEL.DROP_RATE', 'DATA.IMG_SIZE',
+CLASSIFICATION_ONLY = ('AUG', 'TEST', 'DISTILL', 'MODEL.LABEL_SMOOTHING', 'MODEL.DROP_RATE', 'DATA.IMG_SIZE',
                        'DATA.INTERPOLATION', 'DATA.SKIP_CORRUPT', 'DATA.FORMAT', 'DATA.LOADER',
                        'DATA.SHARD_CACHE', 'DATA.FETCH_RETRIES', 'DATA.FETCH_TIMEOUT', 'THROUGHPUT_MODE', 'REPARAM', 'COMPILE',
                        'CHANNELS_LAST', 'EXPORT')
@@ -188,7 +200,8 @@ _FLAGS: Dict[str, Tuple[str, object, str]] = {
     '--channels-last': ('CHANNELS_LAST', True, 'channels_last model and inputs'),
     '--reparam': ('REPARAM', True, '--eval, --export, --throughput\'s inference: fold BatchNorms into convs '
                   '(same logits)'),
-    '--export': ('EXPORT', None, 'write the model to this .onnx or .pt2 file (weights of --resume), and check it'),
+    '--export': ('EXPORT', None, 'write the model (weights of --resume) to this .onnx or .pt2 file, or to this folder '
+                 'in the Hugging Face Hub form timm loads, and check it'),
     '--seed': ('SEED', None, 'random seed'),
 }
 
@@ -336,7 +349,34 @@ def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] 
     if config.get('REPARAM') and not (config.EVAL_MODE or config.get('THROUGHPUT_MODE') or config.get('EXPORT')):
         raise ConfigError('REPARAM (--reparam) folds the BatchNorms for --eval, --export or --throughput; '
                           'a training run cannot use it')
+    _check_distillation(config)
     config.freeze()
+
+
+def _check_distillation(config: CN) -> None:
+    distill = config.get('DISTILL')
+    if distill is None:
+        return
+    if distill.TYPE != 'none' and not distill.TEACHER:
+        raise ConfigError(f'DISTILL.TYPE {distill.TYPE} needs DISTILL.TEACHER (a timm model name, local-dir:DIR, '
+                          'hf-hub:ORG/NAME or a checkpoint of this project)')
+    if distill.TEACHER_WEIGHTS and (distill.TEACHER.startswith(('local-dir:', 'hf-hub:'))
+                                    or distill.TEACHER.endswith(('.pth', '.pt'))):
+        raise ConfigError(f'DISTILL.TEACHER_WEIGHTS is for a teacher named by its timm model name; '
+                          f'{distill.TEACHER} brings its own weights')
+    if not 0 <= distill.ALPHA <= 1 or distill.TAU <= 0:
+        raise ConfigError(f'DISTILL.ALPHA is {distill.ALPHA} and DISTILL.TAU {distill.TAU}: ALPHA lies in [0, 1] '
+                          'and TAU is positive')
+
+
+def recipe_defaults(variant: str) -> CN:
+    """The config a run of ``variant`` starts from: the defaults and ``configs/VARIANT_224.yaml``
+    when the project has one (what a model card's recipe is told against)."""
+    config = _C.clone()
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', f'{variant}_224.yaml')
+    if os.path.isfile(path):
+        _merge_file(config, path, _CHOICES)
+    return config
 
 
 def parse_command_line(description: str, defaults: Optional[CN] = None, choices: Optional[dict] = None,

@@ -1,8 +1,9 @@
-"""Train, evaluate or benchmark FAT on ImageNet-style data.
+"""Train, evaluate, benchmark or export FAT on ImageNet-style data.
 
     torchrun --nproc_per_node 8 main.py --cfg configs/fat_b0_224.yaml --data-path /data/imagenet
     python main.py --cfg configs/fat_b0_224.yaml --data-path /data/imagenet --eval --resume ckpt.pth
     python main.py --cfg configs/fat_b0_224.yaml --throughput
+    python main.py --cfg configs/fat_b0_224.yaml --resume ckpt.pth --export fat_b0_in1k   # a timm/Hub folder
 
 Image classification is a task of the one run engine (``engine.py``): this file says how to build
 its data, model, loss and metric; the engine trains, evaluates, checkpoints and resumes.
@@ -15,30 +16,42 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from yacs.config import CfgNode
 
 import engine
 from config import parse_command_line
-from data import build_loader, build_mixup
+from config import recipe_defaults
+from data import build_loader, build_mixup, preprocessing
+from engine.checkpoints import config_changes
 from models import build_model, checkpoint_filter_fn, count_macs
-from models.export import check_destination, export as export_model
-from utils import (CheckpointError, all_reduce, amp_dtype, autocast, load_checkpoint_file, memory_used_mb,
-                   UserInputError, run_entry_point, state_dict_mismatch)
+from models.distill import Teacher, TeacherLogits, build_teacher, distillation_loss
+from models.export import check_destination, deployable, export as export_model
+from models.hub import check_folder_destination, read_weights, write_folder
+from utils import (CheckpointError, ConfigError, all_reduce, amp_dtype, autocast, load_checkpoint_file,
+                   memory_used_mb, UserInputError, run_entry_point, state_dict_mismatch)
 
 
 class Classification(engine.Task):
     """Image classification (ImageFolders or their shards): timm augmentation and Mixup/CutMix,
-    cross-entropy, top-1 / top-5."""
+    cross-entropy (blended with a teacher's logits under DISTILL), top-1 / top-5."""
 
     primary_metric = 'acc1'
 
+    def __init__(self, session: engine.Session):
+        super().__init__(session)
+        self.teacher: Optional[Teacher] = None  # DISTILL.TEACHER, when training with distillation
+        self.teacher_logits: Optional[nn.Module] = None  # it, on the device, run on the student's batches
+
     def build_data(self) -> engine.TaskData:
         config = self.config
-        data = build_loader(config)
+        self.build_teacher()
+        # A teacher of other classes is refused as soon as the data's classes are known, before the data is scanned.
+        data = build_loader(config, self.check_teacher if self.teacher is not None else None)
         classes = data.classes
         if len(classes) != config.MODEL.NUM_CLASSES:
             self.logger.info(f'the data has {len(classes)} classes: MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES} '
@@ -62,6 +75,46 @@ class Classification(engine.Task):
         else:
             self.criterion = nn.CrossEntropyLoss()
 
+    def build_teacher(self) -> None:
+        """With DISTILL.TYPE soft or hard (and not --eval): the teacher, checked against the student's
+        input channels and resolution, on the run's device and memory format, compiled with COMPILE."""
+        config, logger = self.config, self.logger
+        if config.DISTILL.TYPE == 'none' or config.EVAL_MODE:
+            return
+        teacher = build_teacher(config.DISTILL.TEACHER, config.DISTILL.TEACHER_WEIGHTS)
+        form = preprocessing(config)
+        channels, size = form['input_size'][0], form['input_size'][1:]
+        if teacher.input_size[0] != channels or (teacher.fixed_input_size and teacher.input_size[1:] != size):
+            raise ConfigError(f'DISTILL.TEACHER {teacher.name} takes {teacher.input_size[0]}-channel images'
+                              + (f' of exactly {teacher.input_size[1]}x{teacher.input_size[2]}'
+                                 if teacher.fixed_input_size else '')
+                              + f'; the student\'s are {channels}-channel at DATA.IMG_SIZE {size[0]}')
+        module = TeacherLogits(teacher, form['mean'], form['std']).to(self.device)
+        if config.CHANNELS_LAST:
+            module.to(memory_format=torch.channels_last)
+        self.teacher, self.teacher_logits = teacher, torch.compile(module) if config.COMPILE else module
+        logger.info(f'distillation: {config.DISTILL.TYPE}, ALPHA {config.DISTILL.ALPHA}, TAU {config.DISTILL.TAU}, '
+                    f'from {teacher.name} ({sum(p.numel() for p in teacher.model.parameters()):,} parameters, '
+                    f'{teacher.num_classes} classes, trained at {teacher.input_size[1]}px'
+                    + (f', shown the batches at {size[0]}px' if teacher.input_size[1:] != size else '')
+                    + ('; the batches are renormalised to its mean and std' if module.renormalise else '')
+                    + f'; weights sha256 {teacher.fingerprint[:12]})')
+
+    def check_teacher(self, classes: Sequence[str]) -> None:
+        """The teacher scores the data's classes: as many, and the same names in the same order when
+        it records them."""
+        teacher = self.teacher
+        if teacher.num_classes != len(classes):
+            raise ConfigError(f'DISTILL.TEACHER {teacher.name} has {teacher.num_classes} classes and the data '
+                              f'{len(classes)}: a teacher must score the data set\'s classes')
+        if teacher.label_names is not None and list(teacher.label_names) != list(classes):
+            raise ConfigError(f'DISTILL.TEACHER {teacher.name} knows other classes than the data: '
+                              f'{", ".join(map(str, teacher.label_names[:3]))} ... where the data has '
+                              f'{", ".join(classes[:3])} ...')
+
+    def identity(self) -> dict:
+        return {'teacher': self.teacher.identity} if self.teacher is not None else {}
+
     def build_model(self) -> nn.Module:
         config = self.config
         model = build_model(config)
@@ -80,7 +133,14 @@ class Classification(engine.Task):
         samples, targets = self._inputs(batch[0]), batch[1].to(self.device, non_blocking=True)
         if self.mixup is not None:
             samples, targets = self.mixup(samples, targets)
-        return self.criterion(model(samples), targets), {}
+        output = model(samples)
+        loss = self.criterion(output, targets)
+        if self.teacher_logits is None:
+            return loss, {}
+        distill = distillation_loss(output, self.teacher_logits(samples), self.config.DISTILL.TYPE,
+                                    self.config.DISTILL.TAU)
+        alpha = self.config.DISTILL.ALPHA
+        return (1 - alpha) * loss + alpha * distill, {'loss_cls': loss.detach(), 'loss_distill': distill.detach()}
 
     def evaluate(self, model: nn.Module, loader) -> Dict[str, float]:
         """Top-1, top-5 (percent), mean loss and the number of images, exact over all processes."""
@@ -113,9 +173,10 @@ def log_macs(config, model: nn.Module, logger) -> None:
 
 
 def load_pretrained(model: nn.Module, path: str, logger) -> None:
-    """Start from the weights of ``path`` (this project's, the authors' or a bare state dict); a
-    classifier of another class count is re-initialised for fine-tuning."""
-    state = checkpoint_filter_fn(load_checkpoint_file(path))
+    """Start from the weights of ``path`` (this project's, the authors', a bare state dict, or a
+    ``local-dir:``/``hf-hub:`` folder); a classifier of another class count is re-initialised for
+    fine-tuning."""
+    state = read_weights(path)
     own = model.state_dict()
     for key in [k for k in state if k.startswith('head.') and k in own and state[k].shape != own[k].shape]:
         logger.info(f'{path}: {key} {tuple(state[key].shape)} does not fit {tuple(own[key].shape)}; '
@@ -160,6 +221,10 @@ def throughput(session: engine.Session) -> None:
     DATA.IMG_SIZE, TRAIN.ACCUMULATION_STEPS, AMP, COMPILE, CHANNELS_LAST) on synthetic batches, with
     no data folder: how long the run will take, before it starts."""
     task = Classification(session)
+    task.build_teacher()
+    if task.teacher is not None and task.teacher.num_classes != session.config.MODEL.NUM_CLASSES:
+        raise ConfigError(f'DISTILL.TEACHER {task.teacher.name} has {task.teacher.num_classes} classes: set '
+                          'MODEL.NUM_CLASSES to match for --throughput')
     task.build_loss(session.config.MODEL.NUM_CLASSES)
     model = engine.build_model(task)
     fresh = copy.deepcopy(model)  # for inference, untouched by the training steps; on the CPU until then
@@ -197,7 +262,8 @@ def train_throughput(task: Classification, model: nn.Module) -> float:
     peak = memory_used_mb(device) - resident_before
     precision = amp_dtype(config, device)
     settings = ', '.join([str(precision).split('.')[-1] if precision else 'fp32']
-                         + ['compiled'] * config.COMPILE + ['channels_last'] * config.CHANNELS_LAST)
+                         + ['compiled'] * config.COMPILE + ['channels_last'] * config.CHANNELS_LAST
+                         + [f'the teacher {task.teacher.name}\'s forward included'] * (task.teacher is not None))
     # Every process ran as many steps over the same (slowest) time, so all together train world_size times as fast.
     total = rate * session.world_size
     logger.info(f'training: batch_size {batch_size} x {accumulation} micro-batch(es) per optimizer step, image size '
@@ -254,21 +320,92 @@ def timed(step: Callable[[], object], device: torch.device, min_steps: int, min_
 
 def export(session: engine.Session) -> None:
     """Write the model with MODEL.RESUME's weights (else fresh ones), in deploy form with REPARAM, to
-    EXPORT (.onnx or .pt2), and check the file against PyTorch at DATA.IMG_SIZE and a non-square size."""
+    EXPORT: a .onnx or .pt2 file checked against PyTorch at DATA.IMG_SIZE and a non-square size, or,
+    for a path without a suffix, a Hugging Face Hub folder with a model card, checked by loading it
+    back through timm."""
     config, logger = session.config, session.logger
     path = Path(config.EXPORT)
-    check_destination(path)
+    to_folder = not path.suffix
+    check_folder_destination(path) if to_folder else check_destination(path)
     if session.world_size > 1:
         raise UserInputError('--export runs in one process; start it without torchrun')
     if config.MODEL.DWCONV_IMPL == 'cuda':
         logger.info('--export writes PyTorch depthwise convs: our kernels (MODEL.DWCONV_IMPL cuda) are never exported')
     task = Classification(session)
     model = engine.build_model(task)
-    if config.MODEL.RESUME:
-        engine.load_weights(model, task.weights(load_checkpoint_file(config.MODEL.RESUME)), config.MODEL.RESUME)
+    checkpoint = load_checkpoint_file(config.MODEL.RESUME) if config.MODEL.RESUME else {}
+    if checkpoint:
+        engine.load_weights(model, task.weights(checkpoint), config.MODEL.RESUME)
     else:
         logger.info('--export without --resume writes freshly initialised weights')
-    export_model(deploy_form(config, model.eval(), logger), path, config.DATA.IMG_SIZE, logger)
+    model = deploy_form(config, model.eval(), logger)
+    if not to_folder:
+        export_model(model, path, config.DATA.IMG_SIZE, logger)
+        return
+    classes = run_record(checkpoint).get('classes') or []
+    difference = write_folder(deployable(model), path, preprocessing(config), classes,
+                              {'dwconv_impl': 'auto', **({'reparameterized': True} if config.REPARAM else {})},
+                              model_card(config, model, checkpoint, path.name), logger)
+    logger.info(f'wrote {path}: model.safetensors, config.json ({len(classes) or "no"} class names), README.md; '
+                f'timm.create_model("local-dir:{path}", pretrained=True) reproduces the model (max |logit '
+                f'difference| {difference:.1e})')
+
+
+def run_record(checkpoint: dict) -> dict:
+    """What a training checkpoint of this project tells about its run's data ({} for other weights)."""
+    identity = checkpoint.get('identity')
+    return identity.get('data', {}) if isinstance(identity, dict) else {}
+
+
+def model_card(config, model: nn.Module, checkpoint: dict, name: str) -> str:
+    """The README.md of an exported folder: the variant, size and cost, the data set, the recipe (the
+    keys in which the run's config differs from its variant's), the final and best metrics, the date."""
+    size = config.DATA.IMG_SIZE
+    macs = count_macs(model, (config.DATA.IN_CHANS, size, size)) / 1e9
+    record = run_record(checkpoint)
+    run = CfgNode.load_cfg(checkpoint['config']) if isinstance(checkpoint.get('config'), str) else None
+    recipe = ([change for change in config_changes(recipe_defaults(config.MODEL.VARIANT).dump(), run)
+               if change.startswith(('MODEL.', 'DATA.', 'TRAIN.', 'AUG.', 'TEST.', 'DISTILL.', 'AMP_', 'SEED'))
+               and not change.startswith(('MODEL.NAME', 'MODEL.PRETRAINED'))] if run is not None else None)
+    metrics = checkpoint.get('metrics') or {}
+    form = preprocessing(config)
+    lines: List[str] = [
+        '---', 'library_name: timm', 'license: mit', 'tags: [image-classification, timm, fat]', '---', '',
+        f'# {name}', '',
+        f'FAT ({config.MODEL.VARIANT}), the Fully Adaptive Transformer of "Lightweight Vision Transformer with '
+        'Bidirectional Interaction" (NeurIPS 2023, arXiv:2306.00396), trained with the FAT training codebase.', '',
+        '| | |', '|---|---|',
+        f'| variant | {config.MODEL.VARIANT}' + ''.join(f', {k} {list(v)}' for k, v in config.MODEL.FAT.items() if v)
+        + ' |',
+        f'| parameters | {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M |',
+        f'| GMACs | {macs:.3f} at {size} x {size} |',
+        f'| input | {form["input_size"][0]} x {size} x {size}, mean {list(form["mean"])}, std {list(form["std"])}, '
+        f'{form["interpolation"]} resize, crop_pct {form["crop_pct"]} |',
+        f'| form | {"deploy: BatchNorms and depthwise residuals folded into the convs" if config.REPARAM else "training"} |',
+        f'| data | {config.DATA.DATASET}'
+        + (f': {record["train_images"]:,} training images, {len(record["classes"])} classes |' if record else
+           f', {config.MODEL.NUM_CLASSES} classes (not recorded with these weights) |'),
+        f'| exported | {datetime.date.today().isoformat()} |', '',
+        '## Metrics', '',
+    ]
+    if metrics and run is not None:
+        lines += [f'At the end of epoch {checkpoint["epoch"]} of {run.TRAIN.EPOCHS}: top-1 '
+                  f'{metrics["acc1"]:.2f}%, top-5 {metrics["acc5"]:.2f}% on {int(metrics["images"]):,} validation '
+                  f'images; best top-1 of the run {checkpoint["best_metric"]:.2f}%.']
+    else:
+        lines += ['Not recorded: these weights came without a training record of this project.']
+    lines += ['', '## Recipe', '']
+    if recipe is None:
+        lines += ['Not recorded.']
+    else:
+        lines += [f'The run\'s config differs from `configs/{config.MODEL.VARIANT}_224.yaml` (and the defaults of '
+                  '`config.py`) in:' if recipe else f'`configs/{config.MODEL.VARIANT}_224.yaml`, unchanged.', '']
+        lines += [f'- `{change}`' for change in recipe]
+    lines += ['', '## Use', '', '```python', 'import models  # the FAT codebase\'s models package registers FAT with timm',
+              'import timm', f"model = timm.create_model('local-dir:{name}', pretrained=True).eval()",
+              'config = timm.data.resolve_data_config(model=model)',
+              'transform = timm.data.create_transform(**config)', '```', '']
+    return '\n'.join(lines)
 
 
 def main(config) -> None:

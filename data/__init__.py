@@ -4,7 +4,8 @@ build_train_loader / build_eval_loader serve every task. The names are imported 
 import importlib
 
 __all__ = ['SeededSamples', 'build_eval_loader', 'build_loader', 'build_mixup', 'build_train_loader',
-           'build_transform']
+           'build_transform',
+           'preprocessing']
 
 
 def __getattr__(name: str):

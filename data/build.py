@@ -17,6 +17,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from torchvision import datasets
+from torchvision.datasets.folder import find_classes
 
 from utils import STOP_SIGNALS, DataError, SampleError, rank_world
 
@@ -192,20 +193,28 @@ class ImageFolder(SkippingReader, datasets.ImageFolder):
             raise SampleError(f'cannot read image {path}: {error}') from error
 
 
+def preprocessing(config) -> dict:
+    """What the model expects of its input, in timm's data-config keys: the normalisation of every
+    loader, and evaluation's size, resize interpolation and centre-crop ratio. Exports and teachers
+    are checked against it."""
+    return {'input_size': (config.DATA.IN_CHANS, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE),
+            'interpolation': config.DATA.INTERPOLATION, 'crop_pct': config.TEST.CROP_PCT if config.TEST.CROP else 1.0,
+            'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD}
+
+
 def build_transform(is_train: bool, config):
     """timm's ImageNet transforms: RandAugment, colour jitter, random erasing for training; resize
     (and centre crop when TEST.CROP) for evaluation."""
-    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    form = preprocessing(config)
     if is_train:
         return create_transform(
             input_size=config.DATA.IMG_SIZE, is_training=True, scale=tuple(config.AUG.SCALE),
             hflip=config.AUG.HFLIP, color_jitter=config.AUG.COLOR_JITTER or None,
             auto_augment=None if config.AUG.AUTO_AUGMENT == 'none' else config.AUG.AUTO_AUGMENT,
             re_prob=config.AUG.REPROB, re_mode=config.AUG.REMODE, re_count=config.AUG.RECOUNT,
-            interpolation=config.DATA.INTERPOLATION, mean=mean, std=std)
-    return create_transform(
-        input_size=config.DATA.IMG_SIZE, is_training=False, interpolation=config.DATA.INTERPOLATION,
-        crop_pct=config.TEST.CROP_PCT if config.TEST.CROP else 1.0, mean=mean, std=std)
+            interpolation=form['interpolation'], mean=form['mean'], std=form['std'])
+    return create_transform(input_size=config.DATA.IMG_SIZE, is_training=False, interpolation=form['interpolation'],
+                            crop_pct=form['crop_pct'], mean=form['mean'], std=form['std'])
 
 
 def resolve_data_path(config) -> str:
@@ -266,14 +275,19 @@ def _same_classes(train: List[str], val: List[str], root: str) -> None:
     check_same_classes(train, val, f'{root}: train and val have different class sets')
 
 
-def build_loader(config) -> ClassificationData:
+def build_loader(config, check_classes: Optional[Callable[[List[str]], None]] = None) -> ClassificationData:
     """The training and validation data of an ImageFolder root or of shards, through PyTorch's
-    DataLoader or (DATA.LOADER dali) NVIDIA DALI."""
+    DataLoader or (DATA.LOADER dali) NVIDIA DALI. ``check_classes`` sees the training classes as soon
+    as they are known (a shard index, a folder's class folders), before any image is listed or fetched."""
     root = resolve_data_path(config)
     shards = None
     if reads_shards(root, config):
         shards = ShardSet(root, config.DATA.SHARD_CACHE, config.DATA.FETCH_RETRIES, config.DATA.FETCH_TIMEOUT)
+        if check_classes is not None:
+            check_classes(shards.classes('train'))
         shards.prefetch(['val'] if config.EVAL_MODE else ['train', 'val'])  # an evaluation reads no train shard
+    elif check_classes is not None:
+        check_classes(find_classes(folder_of(root, 'train'))[0])
     if config.DATA.LOADER == 'dali':
         return _build_dali(config, root, shards)
     dataset_train = build_dataset('train', root, config, shards)

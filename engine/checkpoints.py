@@ -34,6 +34,11 @@ _LAUNCH_KEYS = ('MODEL.RESUME', 'EVAL_MODE', 'THROUGHPUT_MODE', 'OUTPUT', 'DATA.
                 'DATA.PREFETCH_FACTOR', 'DATA.PIN_MEMORY', 'DEVICE', 'DIST_TIMEOUT')
 
 
+# Identity entries an explicit MODEL.RESUME may differ in: the weights' fit is checked as they load,
+# and other data is warned of (continuing as asked).
+_WEIGHED_ON_LOAD = ('architecture', 'data')
+
+
 def load_weights(model: nn.Module, state: dict, path: str) -> None:
     """Load ``state`` into ``model``, or name the keys that keep it from fitting."""
     report = state_dict_mismatch(model.state_dict(), state)
@@ -67,11 +72,18 @@ def config_changes(saved_yaml: str, config) -> List[str]:
 
 
 def _foreign(out_dir: str, path: str, checkpoint: dict, identity: dict, config) -> str:
-    what = 'architecture' if checkpoint['identity']['architecture'] != identity['architecture'] else 'data'
-    changed = [c for c in config_changes(checkpoint['config'], config) if c.startswith(('MODEL.', 'DATA.', 'DET.',
-                                                                                        'SEG.'))]
-    return (f'{out_dir} holds a run with another {what} ({path}' + (f': {"; ".join(changed[:4])}' if changed else '')
-            + '); start a separate run with --tag NAME (or another --output) instead of resuming it')
+    return (f'{out_dir} holds a run with {_difference(path, checkpoint, identity, config)}; start a separate run '
+            'with --tag NAME (or another --output) instead of resuming it')
+
+
+def _difference(path: str, checkpoint: dict, identity: dict, config) -> str:
+    """'another KEY (PATH: the config keys behind it)' for the first identity entry in which
+    ``checkpoint`` differs from ``identity``."""
+    theirs = checkpoint['identity']
+    what = next(key for key in (*identity, *theirs) if theirs.get(key) != identity.get(key))
+    changed = [c for c in config_changes(checkpoint['config'], config)
+               if c.startswith(('MODEL.', 'DATA.', 'DET.', 'SEG.', 'DISTILL.'))]
+    return f'another {what} ({path}' + (f': {"; ".join(changed[:4])}' if changed else '') + ')'
 
 
 @dataclass
@@ -122,11 +134,13 @@ def survey(out_dir: str, identity: dict, config) -> Survey:
     return found
 
 
-def choose(found: Survey, out_dir: str, config, logger: logging.Logger) -> Tuple[Optional[str], Optional[tuple]]:
+def choose(found: Survey, out_dir: str, identity: dict, config,
+           logger: logging.Logger) -> Tuple[Optional[str], Optional[tuple]]:
     """(the checkpoint to resume, its position) from rank 0's survey: with TRAIN.AUTO_RESUME the run
     folder's newest, unless MODEL.RESUME is further in training (a --resume left on the command line
     never takes a run back); else MODEL.RESUME. A folder whose checkpoints cannot be read, or would
-    not be resumed (TRAIN.AUTO_RESUME False without MODEL.RESUME), is refused rather than trained over."""
+    not be resumed (TRAIN.AUTO_RESUME False without MODEL.RESUME), is refused rather than trained over;
+    so is a MODEL.RESUME whose identity differs from ``identity`` in a task's entry (a teacher)."""
     if found.foreign:
         raise CheckpointError(found.foreign)
     requested, newest = config.MODEL.RESUME, found.newest if config.TRAIN.AUTO_RESUME else None
@@ -142,9 +156,15 @@ def choose(found: Survey, out_dir: str, config, logger: logging.Logger) -> Tuple
     if not requested:
         return (newest[1], newest[0]) if newest else (None, None)
     try:
-        requested_at = position(load_checkpoint_file(requested, lazy=True))
-    except (CheckpointError, KeyError, TypeError, ZeroDivisionError):
+        checkpoint = load_checkpoint_file(requested, lazy=True)
+        requested_at = position(checkpoint)
+        theirs = {key: value for key, value in checkpoint['identity'].items() if key not in _WEIGHED_ON_LOAD}
+    except (CheckpointError, KeyError, TypeError, ZeroDivisionError, AttributeError):
         return requested, None  # load_agreed names what is wrong with it
+    if theirs != {key: value for key, value in identity.items() if key not in _WEIGHED_ON_LOAD}:
+        raise CheckpointError(f'--resume {requested} cannot continue this run: it was trained with '
+                              f'{_difference(requested, checkpoint, identity, config)}; start a new run from its '
+                              f'weights with --pretrained {requested} instead')
     if newest is not None and os.path.abspath(newest[1]) != os.path.abspath(requested) and newest[0] >= requested_at:
         logger.info(f'resuming {newest[1]} ({describe_position(newest[0])}), not --resume {requested} '
                     f'({describe_position(requested_at)}): the run folder has got further. Set TRAIN.AUTO_RESUME '

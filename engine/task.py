@@ -72,6 +72,12 @@ class Task:
         """The log line of an evaluation."""
         return ', '.join(f'{name} {value:.4f}' for name, value in metrics.items())
 
+    def identity(self) -> dict:
+        """What else the run's checkpoints must share beyond the architecture and the data (called
+        after ``build_data``): a run is never resumed with other entries, e.g. another distillation
+        teacher. Empty by default."""
+        return {}
+
     def weights(self, checkpoint: dict) -> dict:
         """The model's state dict inside a checkpoint file."""
         return checkpoint.get('model', checkpoint)

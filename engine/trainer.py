@@ -114,7 +114,8 @@ class Trainer:
         # On the device, so that counting them needs no sync; the same on every process.
         self.nonfinite_steps = torch.zeros((), dtype=torch.long, device=self.device)
         self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)  # optimizer step index
-        self.identity = {'architecture': checkpoints.architecture_signature(model), 'data': data.identity}
+        self.identity = {'architecture': checkpoints.architecture_signature(model), 'data': data.identity,
+                         **task.identity()}
         self.writer: Optional[SummaryWriter] = None
         self.stop: Optional[StopSignal] = None
 
@@ -382,7 +383,7 @@ class Trainer:
             for path, why in found.unusable:
                 self.logger.warning(f'skipping {path}: {why}')
             try:
-                choice = checkpoints.choose(found, session.out_dir, config, self.logger)
+                choice = checkpoints.choose(found, session.out_dir, self.identity, config, self.logger)
             except CheckpointError as error:
                 problem = error
         agree(problem)

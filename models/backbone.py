@@ -7,14 +7,16 @@ final norm, and can freeze the first stages and every BatchNorm for fine-tuning 
 """
 from __future__ import annotations
 
-import os
 from typing import List, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import freeze_batch_norm_2d
 
-from .fat import FAT, MODEL_ARGS, checkpoint_filter_fn
+from utils import CheckpointError
+
+from .fat import FAT, MODEL_ARGS
+from .hub import read_weights
 
 
 class FATBackbone(nn.Module):
@@ -74,22 +76,16 @@ class FATBackbone(nn.Module):
         return [norm(m) for norm, m in zip(self.norms, maps)]
 
     def load_pretrained(self, path: str) -> None:
-        """Load an ImageNet checkpoint of this project or the authors' (``{'model': ...}`` or a bare
-        state dict); the classification head and final norm are dropped, the map norms keep
-        their initialisation. Raises ValueError naming the keys when the file does not fit."""
-        if not os.path.isfile(path):
-            raise ValueError(f'pretrained backbone checkpoint not found: {path}')
-        try:
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as error:
-            raise ValueError(f'cannot read pretrained backbone checkpoint {path}: {error}') from error
-        state = {k: v for k, v in checkpoint_filter_fn(checkpoint).items()
-                 if not k.startswith(('head.', 'norm.'))}
+        """Load ImageNet weights (``models.hub.read_weights``: a checkpoint of this project or the
+        authors', a bare state dict, or a ``local-dir:``/``hf-hub:`` folder); the classification head
+        and final norm are dropped, the map norms keep their initialisation. Raises CheckpointError
+        naming the keys when the weights do not fit."""
+        state = {k: v for k, v in read_weights(path).items() if not k.startswith(('head.', 'norm.'))}
         own = self.body.state_dict()
         # Stages beyond out_indices were pruned; FrozenBatchNorm2d keeps no num_batches_tracked.
         missing = sorted(k for k in own if k not in state)
         mismatched = sorted(k for k in own if k in state and own[k].shape != state[k].shape)
         if missing or mismatched:
-            raise ValueError(f'{path} does not fit this backbone (another FAT variant?): '
+            raise CheckpointError(f'{path} does not fit this backbone (another FAT variant?): '
                              f'missing {missing[:5]}, shape mismatch {mismatched[:5]}')
         self.body.load_state_dict({k: state[k] for k in own})

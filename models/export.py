@@ -29,7 +29,8 @@ def check_destination(path: Path) -> None:
     """``path`` has a known suffix and its folder takes a new file; else one error naming the problem."""
     if path.suffix not in FORMATS:
         raise UserInputError(f'--export {path}: unknown format {path.suffix or "(no suffix)"!r}; '
-                             f'use one of {", ".join(FORMATS)}')
+                             f'use one of {", ".join(FORMATS)}, or a folder name without a suffix (the Hugging Face '
+                             'Hub form that timm loads)')
     folder = path.parent
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix='.export-probe-')

@@ -283,6 +283,7 @@ class FAT(nn.Module):
         drop_path_rate: stochastic depth, linear from 0 over all blocks.
         global_pool: 'avg' or '' (no pooling).
         dwconv_impl: 'auto' | 'torch' | 'cuda', set on every depthwise conv once built (``models.dwconv``).
+        reparameterized: build the deploy form (``reparameterize()``'s modules), to load folded weights.
     """
 
     def __init__(
@@ -300,6 +301,7 @@ class FAT(nn.Module):
             drop_path_rate: float = 0.,
             global_pool: str = 'avg',
             dwconv_impl: DwConvImpl = 'auto',
+            reparameterized: bool = False,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -329,6 +331,8 @@ class FAT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         set_dwconv_impl(self, dwconv_impl)
+        if reparameterized:
+            self.eval().reparameterize().train()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

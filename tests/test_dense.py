@@ -29,7 +29,7 @@ from models import FATBackbone
 from segmentation.data import (IGNORE_INDEX, SegmentationFolder, confusion_matrix, pad_to_multiple,
                                segmentation_metrics)
 from segmentation.train import CHOICES as SEG_CHOICES, SegmentationTask, defaults as seg_defaults
-from utils import DataError
+from utils import CheckpointError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 TESTDATA = REPO.parent / 'shared' / 'testdata' / 'official-fat'
@@ -88,7 +88,7 @@ def test_backbone_loads_a_classification_checkpoint_without_its_head(tmp_path):
     backbone.load_pretrained(str(path))
     for name, value in backbone.body.state_dict().items():
         torch.testing.assert_close(value, classifier.state_dict()[name])
-    with pytest.raises(ValueError, match='does not fit this backbone'):
+    with pytest.raises(CheckpointError, match='does not fit this backbone'):
         FATBackbone.from_variant('fat_b1').load_pretrained(str(path))
 
 

@@ -1,0 +1,187 @@
+"""Knowledge distillation (DISTILL.*): the loss comes from the teacher's logits on the student's own
+mixed batch, a killed distilled run reruns bitwise equal, and teachers that cannot serve (other
+classes, unknown, weights without a config, another teacher on resume) are refused with one line."""
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_dependability import (EXACT_OPTS, assert_one_line_error, assert_same_weights,  # noqa: E402
+                                last_checkpoint, start_main, wait_for_log)
+from test_training import TINY_OPTS, make_image_folder, run_main, train_args  # noqa: E402
+
+import engine  # noqa: E402
+from config import get_config, parse_command_line  # noqa: E402
+from data import preprocessing  # noqa: E402
+from main import Classification  # noqa: E402
+from models.distill import Teacher, TeacherLogits, build_teacher  # noqa: E402
+from models.fat import FAT  # noqa: E402
+from utils import CheckpointError, ConfigError  # noqa: E402
+
+TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+
+
+def write_teacher(path: Path, num_classes: int = 3, seed: int = 1, **extra) -> Path:
+    """A training checkpoint of this project (weights, config, data record) of a tiny FAT."""
+    torch.manual_seed(seed)
+    model = FAT(**TINY, num_classes=num_classes)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))  # decisive logits, not a fresh head's
+    config = get_config()
+    config.defrost()
+    config.merge_from_list(TINY_OPTS + ['MODEL.NUM_CLASSES', str(num_classes)])
+    torch.save({'model': model.state_dict(), 'config': config.dump(),
+                'identity': {'data': {'classes': [f'class_{c}' for c in range(num_classes)]}}, **extra}, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp('data'), classes=3, train_per_class=8, val_per_class=3)
+
+
+@pytest.fixture(scope='module')
+def teacher(tmp_path_factory) -> Path:
+    return write_teacher(tmp_path_factory.mktemp('teacher') / 'teacher.pth')
+
+
+def task_with(teacher: Path, kind: str, tmp_path: Path) -> Classification:
+    config = parse_command_line('test', argv=['--device', 'cpu', '--opts', *TINY_OPTS, 'MODEL.NUM_CLASSES', '3',
+                                              'AUG.MIXUP', '0.8', 'AUG.CUTMIX', '1.0', 'DISTILL.TYPE', kind,
+                                              'DISTILL.TEACHER', str(teacher), 'DISTILL.ALPHA', '0.3',
+                                              'DISTILL.TAU', '2.0'])
+    session = engine.Session(config, 0, 1, torch.device('cpu'), str(tmp_path), logging.getLogger('test'))
+    task = Classification(session)
+    task.build_teacher()
+    task.build_loss(3)
+    return task
+
+
+@pytest.mark.parametrize('kind', ['soft', 'hard'])
+def test_the_loss_is_made_from_the_teachers_logits_on_the_students_mixed_batch(tmp_path, teacher, kind):
+    task = task_with(teacher, kind, tmp_path)
+    student = FAT(**TINY, num_classes=3).train()
+    seen = {}
+    student.register_forward_hook(lambda module, args, out: seen.update(student=(args[0], out)))
+    task.teacher.model.register_forward_hook(lambda module, args, out: seen.update(teacher=(args[0], out)))
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    torch.manual_seed(0)
+    loss, parts = task.loss(student, (images.clone(), labels))  # timm's Mixup mixes in place
+
+    (student_in, s), (teacher_in, t) = seen['student'], seen['teacher']
+    assert not torch.equal(student_in, images)  # Mixup/CutMix changed the batch ...
+    assert torch.equal(teacher_in, student_in)  # ... and the teacher saw the same mixed images
+    assert not task.teacher.model.training and not t.requires_grad
+    if kind == 'soft':  # KL(teacher || student) at temperature 2, DeiT's scaling
+        p_t = torch.softmax(t / 2, dim=1)
+        expected = (p_t * (p_t.log() - torch.log_softmax(s / 2, dim=1))).sum() / s.numel() * 4
+    else:
+        expected = F.cross_entropy(s, t.argmax(dim=1))
+        assert not torch.equal(t.argmax(dim=1), s.argmax(dim=1))  # the student's own labels would differ
+    torch.testing.assert_close(parts['loss_distill'], expected.detach())
+    torch.testing.assert_close(loss, 0.7 * parts['loss_cls'] + 0.3 * expected)
+    loss.backward()
+    assert all(p.grad is None for p in task.teacher.model.parameters())
+
+
+def test_a_killed_distilled_run_reruns_bitwise_equal_and_refuses_another_teacher(data, teacher, tmp_path):
+    """Mixup, RandAugment, EMA and a loader worker on, soft distillation: SIGKILL after epoch 0 is
+    saved, the same command again ends where an uninterrupted run ends. The checkpoints carry the
+    teacher's identity, not its weights; the folder, or --resume, with another teacher is refused."""
+    opts = [*EXACT_OPTS, 'DISTILL.TYPE', 'soft', 'DISTILL.TEACHER', str(teacher), 'DISTILL.TAU', '2.0']
+    reference = tmp_path / 'reference'
+    run_main(*train_args(data, reference, *opts))
+    killed = tmp_path / 'killed'
+    args = train_args(data, killed, *opts)
+    proc = start_main(*args)
+    wait_for_log(killed / 'fat_b0' / 'default' / 'log.txt', 'Train: [1/3][3/6]', proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    restarted = run_main(*args)
+    assert 'resumed from' in restarted.stdout and 'loss_distill' in restarted.stdout
+    final = last_checkpoint(killed)
+    assert_same_weights(final, last_checkpoint(reference))
+    assert final['identity']['teacher']['name'] == str(teacher)
+    assert sum(v.numel() for v in final['model'].values()) == sum(v.numel() for v in FAT(**TINY, num_classes=3)
+                                                                   .state_dict().values())
+
+    other = write_teacher(tmp_path / 'other.pth', seed=2)
+    swapped = [*opts[:-4], 'DISTILL.TEACHER', str(other), 'TRAIN.EPOCHS', '4']
+    assert_one_line_error(run_main(*train_args(data, killed, *swapped), check=False),
+                          'holds a run with another teacher', "DISTILL.TEACHER '", '--tag')
+    elsewhere = tmp_path / 'elsewhere'
+    ckpt = killed / 'fat_b0' / 'default' / 'ckpt_last.pth'
+    assert_one_line_error(run_main(*train_args(data, elsewhere, *swapped), '--resume', ckpt, check=False),
+                          f'--resume {ckpt} cannot continue this run', 'another teacher', '--pretrained')
+
+
+def test_a_teacher_of_other_classes_is_refused_before_any_shard_is_fetched(tmp_path, serve):
+    from data.shards import convert
+    folder = make_image_folder(tmp_path / 'folder', classes=3, train_per_class=4, val_per_class=2)
+    convert(str(folder), str(tmp_path / 'shards'), shard_mb=0.01, log=lambda line: None)
+    server = serve(tmp_path / 'shards')
+    five = write_teacher(tmp_path / 'five.pth', num_classes=5)
+    proc = run_main(*train_args(server.url, tmp_path / 'out', 'DATA.SHARD_CACHE', str(tmp_path / 'cache'),
+                                'DISTILL.TYPE', 'hard', 'DISTILL.TEACHER', str(five)), check=False)
+    assert_one_line_error(proc, f'DISTILL.TEACHER {five} has 5 classes and the data 3')
+    assert set(server.requests) == {'index.json'}  # the index was read; no shard was fetched
+
+
+def test_teachers_that_cannot_serve_are_named_in_one_line(tmp_path):
+    bare = tmp_path / 'bare.pth'
+    torch.save(FAT(**TINY, num_classes=3).state_dict(), bare)
+    with pytest.raises(CheckpointError, match='not a training checkpoint of this project .* DISTILL.TEACHER_WEIGHTS'):
+        build_teacher(str(bare))
+    with pytest.raises(ConfigError, match="'resnet_9000' is neither a timm model name"):
+        build_teacher('resnet_9000')
+    with pytest.raises(CheckpointError, match='no config.json there'):
+        build_teacher(f'local-dir:{tmp_path}')
+    with pytest.raises(CheckpointError, match='do not fit resnet18: Error.* Missing key'):  # a named teacher with another model's weights
+        build_teacher('resnet18', str(bare))
+    with pytest.raises(ConfigError, match='DISTILL.TYPE soft needs DISTILL.TEACHER'):
+        parse_command_line('test', argv=['--opts', 'DISTILL.TYPE', 'soft'])
+
+
+def test_a_named_teacher_takes_its_classifier_size_from_the_weights_file(tmp_path):
+    import timm
+    torch.manual_seed(0)
+    source = timm.create_model('resnet10t', num_classes=3)
+    weights = tmp_path / 'resnet10t.pth'
+    torch.save(source.state_dict(), weights)
+    teacher = build_teacher('resnet10t', str(weights))
+    assert teacher.num_classes == 3 and teacher.input_size == (3, 176, 176) and not teacher.fixed_input_size
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.model(images), source.eval()(images))
+
+
+def test_a_teacher_trained_with_other_statistics_sees_the_batch_renormalised():
+    recorded = []
+    probe = torch.nn.Identity()
+    probe.register_forward_hook(lambda module, args, out: recorded.append(args[0]))
+    teacher = Teacher(probe, 'probe', 3, None, (3, 32, 32), False, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0), 'x')
+    student_mean, student_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pixels = torch.rand(2, 3, 8, 8)  # in [0, 1], as the loader reads them
+    as_student = (pixels - torch.tensor(student_mean).view(1, 3, 1, 1)) / torch.tensor(student_std).view(1, 3, 1, 1)
+    TeacherLogits(teacher, student_mean, student_std)(as_student)
+    as_teacher = (pixels - 0.5) / torch.tensor([0.25, 0.5, 1.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(recorded[-1], as_teacher)
+    TeacherLogits(teacher, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))(as_teacher)
+    assert recorded[-1] is as_teacher  # the same statistics: the batch itself, no arithmetic
+
+
+def test_the_distillation_config_names_deits_teacher_at_the_students_input():
+    import timm
+    config = get_config(argparse.Namespace(cfg='configs/fat_b0_224_distill.yaml', opts=None))
+    assert (config.DISTILL.TYPE, config.DISTILL.ALPHA, config.DISTILL.TAU) == ('hard', 0.5, 1.0)
+    form = timm.models.get_pretrained_cfg(config.DISTILL.TEACHER)
+    assert form.architecture == 'regnety_160' and form.hf_hub_id == 'timm/regnety_160.deit_in1k'
+    assert form.input_size == (3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE) and form.num_classes == 1000
+    assert (form.mean, form.std) == (preprocessing(config)['mean'], preprocessing(config)['std'])
