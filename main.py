@@ -24,8 +24,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from yacs.config import CfgNode
 
 import engine
-from config import parse_command_line
-from config import recipe_defaults
+from config import parse_command_line, recipe_defaults
 from data import build_loader, build_mixup, preprocessing
 from engine.checkpoints import config_changes
 from models import build_model, checkpoint_filter_fn, count_macs
@@ -263,7 +262,7 @@ def train_throughput(task: Classification, model: nn.Module) -> float:
     precision = amp_dtype(config, device)
     settings = ', '.join([str(precision).split('.')[-1] if precision else 'fp32']
                          + ['compiled'] * config.COMPILE + ['channels_last'] * config.CHANNELS_LAST
-                         + [f'the teacher {task.teacher.name}\'s forward included'] * (task.teacher is not None))
+                         + ([f'the teacher {task.teacher.name}\'s forward included'] if task.teacher else []))
     # Every process ran as many steps over the same (slowest) time, so all together train world_size times as fast.
     total = rate * session.world_size
     logger.info(f'training: batch_size {batch_size} x {accumulation} micro-batch(es) per optimizer step, image size '

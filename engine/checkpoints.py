@@ -36,7 +36,7 @@ _LAUNCH_KEYS = ('MODEL.RESUME', 'EVAL_MODE', 'THROUGHPUT_MODE', 'OUTPUT', 'DATA.
 
 # Identity entries an explicit MODEL.RESUME may differ in: the weights' fit is checked as they load,
 # and other data is warned of (continuing as asked).
-_WEIGHED_ON_LOAD = ('architecture', 'data')
+_CHECKED_WHEN_LOADED = ('architecture', 'data')
 
 
 def load_weights(model: nn.Module, state: dict, path: str) -> None:
@@ -158,10 +158,10 @@ def choose(found: Survey, out_dir: str, identity: dict, config,
     try:
         checkpoint = load_checkpoint_file(requested, lazy=True)
         requested_at = position(checkpoint)
-        theirs = {key: value for key, value in checkpoint['identity'].items() if key not in _WEIGHED_ON_LOAD}
+        theirs = {key: value for key, value in checkpoint['identity'].items() if key not in _CHECKED_WHEN_LOADED}
     except (CheckpointError, KeyError, TypeError, ZeroDivisionError, AttributeError):
         return requested, None  # load_agreed names what is wrong with it
-    if theirs != {key: value for key, value in identity.items() if key not in _WEIGHED_ON_LOAD}:
+    if theirs != {key: value for key, value in identity.items() if key not in _CHECKED_WHEN_LOADED}:
         raise CheckpointError(f'--resume {requested} cannot continue this run: it was trained with '
                               f'{_difference(requested, checkpoint, identity, config)}; start a new run from its '
                               f'weights with --pretrained {requested} instead')

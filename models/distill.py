@@ -144,6 +144,7 @@ class TeacherLogits(nn.Module):
             shift = (torch.tensor(mean) - torch.tensor(teacher.mean)) / torch.tensor(teacher.std)
             self.register_buffer('scale', scale.view(1, -1, 1, 1), persistent=False)
             self.register_buffer('shift', shift.view(1, -1, 1, 1), persistent=False)
+        self.eval()
 
     def train(self, mode: bool = True) -> 'TeacherLogits':
         return super().train(False)  # always in eval mode: BatchNorm statistics and dropout stay fixed

@@ -3,6 +3,7 @@ mixed batch, a killed distilled run reruns bitwise equal, and teachers that cann
 classes, unknown, weights without a config, another teacher on resume) are refused with one line."""
 import argparse
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -17,9 +18,9 @@ from test_dependability import (EXACT_OPTS, assert_one_line_error, assert_same_w
 from test_training import TINY_OPTS, make_image_folder, run_main, train_args  # noqa: E402
 
 import engine  # noqa: E402
+import main  # noqa: E402
 from config import get_config, parse_command_line  # noqa: E402
 from data import preprocessing  # noqa: E402
-from main import Classification  # noqa: E402
 from models.distill import Teacher, TeacherLogits, build_teacher  # noqa: E402
 from models.fat import FAT  # noqa: E402
 from utils import CheckpointError, ConfigError  # noqa: E402
@@ -52,13 +53,13 @@ def teacher(tmp_path_factory) -> Path:
     return write_teacher(tmp_path_factory.mktemp('teacher') / 'teacher.pth')
 
 
-def task_with(teacher: Path, kind: str, tmp_path: Path) -> Classification:
+def task_with(teacher: Path, kind: str, tmp_path: Path) -> 'main.Classification':
     config = parse_command_line('test', argv=['--device', 'cpu', '--opts', *TINY_OPTS, 'MODEL.NUM_CLASSES', '3',
                                               'AUG.MIXUP', '0.8', 'AUG.CUTMIX', '1.0', 'DISTILL.TYPE', kind,
                                               'DISTILL.TEACHER', str(teacher), 'DISTILL.ALPHA', '0.3',
                                               'DISTILL.TAU', '2.0'])
     session = engine.Session(config, 0, 1, torch.device('cpu'), str(tmp_path), logging.getLogger('test'))
-    task = Classification(session)
+    task = main.Classification(session)
     task.build_teacher()
     task.build_loss(3)
     return task
@@ -185,3 +186,32 @@ def test_the_distillation_config_names_deits_teacher_at_the_students_input():
     assert form.architecture == 'regnety_160' and form.hf_hub_id == 'timm/regnety_160.deit_in1k'
     assert form.input_size == (3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE) and form.num_classes == 1000
     assert (form.mean, form.std) == (preprocessing(config)['mean'], preprocessing(config)['std'])
+
+
+def test_throughput_times_the_teachers_forward_in_every_training_step(tmp_path, teacher, caplog):
+    config = parse_command_line('test', argv=['--device', 'cpu', '--throughput', '--batch-size', '2', '--opts',
+                                              *TINY_OPTS, 'MODEL.NUM_CLASSES', '3', 'DISTILL.TYPE', 'hard',
+                                              'DISTILL.TEACHER', str(teacher)])
+    logger = logging.getLogger('test_throughput')
+    session = engine.Session(config, 0, 1, torch.device('cpu'), str(tmp_path), logger)
+    calls = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: calls.append(module.training) if isinstance(module, TeacherLogits) else None)
+    try:
+        with caplog.at_level(logging.INFO, logger='test_throughput'):
+            main.throughput(session)
+    finally:
+        hook.remove()
+    training = next(r.message for r in caplog.records if r.message.startswith('training:'))
+    steps = int(re.search(r'(\d+) optimizer steps', training).group(1))
+    assert f"the teacher {teacher}'s forward included" in training
+    assert calls == [False] * (2 + steps)  # the 2 warm-up steps and every timed one, the teacher in eval mode
+
+
+def test_distillation_under_torchrun_with_accumulation(data, teacher, tmp_path):
+    """2 gloo processes, 2 micro-batches per optimizer step, Mixup: the teacher stays outside DDP."""
+    proc = run_main(*train_args(data, tmp_path, 'TRAIN.ACCUMULATION_STEPS', '2', 'AUG.MIXUP', '0.8',
+                                'DISTILL.TYPE', 'soft', 'DISTILL.TEACHER', str(teacher)), nproc=2)
+    assert re.search(r'Train: \[0/1\]\[1/2\].* loss_cls [\d.]+ loss_distill [\d.]+', proc.stdout), proc.stdout
+    final = last_checkpoint(tmp_path)
+    assert final['step'] == 2 and final['identity']['teacher']['name'] == str(teacher)
