@@ -53,11 +53,11 @@ def teacher(tmp_path_factory) -> Path:
     return write_teacher(tmp_path_factory.mktemp('teacher') / 'teacher.pth')
 
 
-def task_with(teacher: Path, kind: str, tmp_path: Path) -> 'main.Classification':
+def task_with(teacher, kind: str, tmp_path: Path, *opts: str) -> 'main.Classification':
     config = parse_command_line('test', argv=['--device', 'cpu', '--opts', *TINY_OPTS, 'MODEL.NUM_CLASSES', '3',
                                               'AUG.MIXUP', '0.8', 'AUG.CUTMIX', '1.0', 'DISTILL.TYPE', kind,
                                               'DISTILL.TEACHER', str(teacher), 'DISTILL.ALPHA', '0.3',
-                                              'DISTILL.TAU', '2.0'])
+                                              'DISTILL.TAU', '2.0', *opts])
     session = engine.Session(config, 0, 1, torch.device('cpu'), str(tmp_path), logging.getLogger('test'))
     task = main.Classification(session)
     task.build_teacher()
@@ -148,6 +148,12 @@ def test_teachers_that_cannot_serve_are_named_in_one_line(tmp_path):
         build_teacher('resnet18', str(bare))
     with pytest.raises(ConfigError, match='DISTILL.TYPE soft needs DISTILL.TEACHER'):
         parse_command_line('test', argv=['--opts', 'DISTILL.TYPE', 'soft'])
+    import timm
+    vit = tmp_path / 'vit.pth'
+    torch.save(timm.create_model('vit_tiny_patch16_224', num_classes=3).state_dict(), vit)
+    with pytest.raises(ConfigError, match='takes 3-channel images of exactly 224x224; the student.s are 3-channel at '
+                                          'DATA.IMG_SIZE 32'):
+        task_with('vit_tiny_patch16_224', 'soft', tmp_path, 'DISTILL.TEACHER_WEIGHTS', str(vit))
 
 
 def test_a_named_teacher_takes_its_classifier_size_from_the_weights_file(tmp_path):
