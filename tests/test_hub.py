@@ -36,12 +36,21 @@ def export_folder(checkpoint: Path, opts, folder: Path, *flags):
                     '--output', folder.parent, *flags, '--opts', *opts)
 
 
+@pytest.fixture(scope='module')
+def exported(trained, tmp_path_factory):
+    """``trained``'s checkpoint exported as a folder, in training form and (``--reparam``) deploy form."""
+    folders = {}
+    for reparam in (False, True):
+        folders[reparam] = tmp_path_factory.mktemp('exported') / 'fat_b0_tiny'
+        export_folder(*trained, folders[reparam], *(['--reparam'] if reparam else []))
+    return folders
+
+
 @pytest.mark.parametrize('reparam', [False, True])
-def test_the_folder_loads_through_timm_offline_with_the_checkpoints_logits(tmp_path, trained, reparam):
+def test_the_folder_loads_through_timm_offline_with_the_checkpoints_logits(trained, exported, reparam):
     checkpoint, opts = trained
-    folder = tmp_path / 'fat_b0_tiny'
-    export_folder(checkpoint, opts, folder, *(['--reparam'] if reparam else []))
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.')) == []  # no staging folder left
+    folder = exported[reparam]
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith('.')] == []  # no staging folder left
     assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     umask = os.umask(0)
     os.umask(umask)
@@ -102,10 +111,9 @@ def test_a_folder_that_holds_files_is_never_written_over(tmp_path, trained):
     assert [p.name for p in folder.iterdir()] == ['notes.txt'] and (folder / 'notes.txt').read_text() == 'keep me'
 
 
-def test_pretrained_reads_a_folder_and_reinitialises_a_classifier_of_another_size(tmp_path, trained):
-    checkpoint, opts = trained
-    folder = tmp_path / 'exported'
-    export_folder(checkpoint, opts, folder)
+def test_pretrained_reads_a_folder_and_reinitialises_a_classifier_of_another_size(trained, exported):
+    checkpoint, _ = trained
+    folder = exported[False]
     weights = torch.load(checkpoint, weights_only=True)['model']
     model = FAT(**TINY, num_classes=7)
     head = model.head.weight.clone()
