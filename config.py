@@ -360,10 +360,6 @@ def _check_distillation(config: CN) -> None:
     if distill.TYPE != 'none' and not distill.TEACHER:
         raise ConfigError(f'DISTILL.TYPE {distill.TYPE} needs DISTILL.TEACHER (a timm model name, local-dir:DIR, '
                           'hf-hub:ORG/NAME or a checkpoint of this project)')
-    if distill.TEACHER_WEIGHTS and (distill.TEACHER.startswith(('local-dir:', 'hf-hub:'))
-                                    or distill.TEACHER.endswith(('.pth', '.pt'))):
-        raise ConfigError(f'DISTILL.TEACHER_WEIGHTS is for a teacher named by its timm model name; '
-                          f'{distill.TEACHER} brings its own weights')
     if not 0 <= distill.ALPHA <= 1 or distill.TAU <= 0:
         raise ConfigError(f'DISTILL.ALPHA is {distill.ALPHA} and DISTILL.TAU {distill.TAU}: ALPHA lies in [0, 1] '
                           'and TAU is positive')

@@ -324,7 +324,7 @@ def export(session: engine.Session) -> None:
     back through timm."""
     config, logger = session.config, session.logger
     path = Path(config.EXPORT)
-    to_folder = not path.suffix
+    to_folder = not path.suffix or config.EXPORT.endswith('/') or path.is_dir()
     check_folder_destination(path) if to_folder else check_destination(path)
     if session.world_size > 1:
         raise UserInputError('--export runs in one process; start it without torchrun')
@@ -350,6 +350,32 @@ def export(session: engine.Session) -> None:
                 f'difference| {difference:.1e})')
 
 
+# Keys whose values are local paths: a card names only the file (or folder) at their end.
+_PATH_KEYS = ('DISTILL.TEACHER', 'DISTILL.TEACHER_WEIGHTS')
+
+
+def _recipe(variant: str, run: CfgNode) -> List[str]:
+    """The training keys in which ``run`` differs from ``variant``'s config, as 'KEY default -> run'."""
+    recipe = []
+    for change in config_changes(recipe_defaults(variant).dump(), run):
+        key = change.split(' ', 1)[0]
+        if not key.startswith(('MODEL.', 'DATA.', 'TRAIN.', 'AUG.', 'TEST.', 'DISTILL.', 'AMP_', 'SEED')) or \
+                key in ('MODEL.NAME', 'MODEL.PRETRAINED'):
+            continue
+        if key in _PATH_KEYS:
+            change = f'{key} {_without_folders(str(run.DISTILL[key.split(".")[1]]))!r}'
+        recipe.append(change)
+    return recipe
+
+
+def _without_folders(value: str) -> str:
+    """A local path (or local-dir: id) reduced to its last component; Hub ids and names as they are."""
+    if value.startswith('hf-hub:') or '/' not in value:
+        return value
+    prefix = 'local-dir:' if value.startswith('local-dir:') else ''
+    return prefix + value.rstrip('/').rsplit('/', 1)[-1]
+
+
 def run_record(checkpoint: dict) -> dict:
     """What a training checkpoint of this project tells about its run's data ({} for other weights)."""
     identity = checkpoint.get('identity')
@@ -363,13 +389,11 @@ def model_card(config, model: nn.Module, checkpoint: dict, name: str) -> str:
     macs = count_macs(model, (config.DATA.IN_CHANS, size, size)) / 1e9
     record = run_record(checkpoint)
     run = CfgNode.load_cfg(checkpoint['config']) if isinstance(checkpoint.get('config'), str) else None
-    recipe = ([change for change in config_changes(recipe_defaults(config.MODEL.VARIANT).dump(), run)
-               if change.startswith(('MODEL.', 'DATA.', 'TRAIN.', 'AUG.', 'TEST.', 'DISTILL.', 'AMP_', 'SEED'))
-               and not change.startswith(('MODEL.NAME', 'MODEL.PRETRAINED'))] if run is not None else None)
+    recipe = _recipe(config.MODEL.VARIANT, run) if run is not None else None
     metrics = checkpoint.get('metrics') or {}
     form = preprocessing(config)
     lines: List[str] = [
-        '---', 'library_name: timm', 'license: mit', 'tags: [image-classification, timm, fat]', '---', '',
+        '---', 'library_name: timm', 'tags: [image-classification, timm, fat]', '---', '',
         f'# {name}', '',
         f'FAT ({config.MODEL.VARIANT}), the Fully Adaptive Transformer of "Lightweight Vision Transformer with '
         'Bidirectional Interaction" (NeurIPS 2023, arXiv:2306.00396), trained with the FAT training codebase.', '',
@@ -388,11 +412,13 @@ def model_card(config, model: nn.Module, checkpoint: dict, name: str) -> str:
         '## Metrics', '',
     ]
     if metrics and run is not None:
-        lines += [f'At the end of epoch {checkpoint["epoch"]} of {run.TRAIN.EPOCHS}: top-1 '
+        epoch, complete = checkpoint['epoch'], checkpoint['step'] >= checkpoint['steps_per_epoch']
+        lines += [('' if complete else f'These weights were saved in the middle of epoch {epoch + 1} (a stop); ')
+                  + f'evaluated after epoch {epoch + 1 if complete else epoch} of {run.TRAIN.EPOCHS}: top-1 '
                   f'{metrics["acc1"]:.2f}%, top-5 {metrics["acc5"]:.2f}% on {int(metrics["images"]):,} validation '
                   f'images; best top-1 of the run {checkpoint["best_metric"]:.2f}%.']
     else:
-        lines += ['Not recorded: these weights came without a training record of this project.']
+        lines += ['Not recorded: these weights came without an evaluation by this project.']
     lines += ['', '## Recipe', '']
     if recipe is None:
         lines += ['Not recorded.']

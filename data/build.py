@@ -287,7 +287,12 @@ def build_loader(config, check_classes: Optional[Callable[[List[str]], None]] = 
             check_classes(shards.classes('train'))
         shards.prefetch(['val'] if config.EVAL_MODE else ['train', 'val'])  # an evaluation reads no train shard
     elif check_classes is not None:
-        check_classes(find_classes(folder_of(root, 'train'))[0])
+        folder = folder_of(root, 'train')
+        try:
+            classes = find_classes(folder)[0]
+        except OSError as error:  # no class folder in it, or unreadable
+            raise DataError(f'{folder}: {error}') from error
+        check_classes(classes)
     if config.DATA.LOADER == 'dali':
         return _build_dali(config, root, shards)
     dataset_train = build_dataset('train', root, config, shards)

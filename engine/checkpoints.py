@@ -161,10 +161,11 @@ def choose(found: Survey, out_dir: str, identity: dict, config,
         theirs = {key: value for key, value in checkpoint['identity'].items() if key not in _CHECKED_WHEN_LOADED}
     except (CheckpointError, KeyError, TypeError, ZeroDivisionError, AttributeError):
         return requested, None  # load_agreed names what is wrong with it
-    if theirs != {key: value for key, value in identity.items() if key not in _CHECKED_WHEN_LOADED}:
+    ours = {key: value for key, value in identity.items() if key not in _CHECKED_WHEN_LOADED}
+    if theirs != ours:
         raise CheckpointError(f'--resume {requested} cannot continue this run: it was trained with '
-                              f'{_difference(requested, checkpoint, identity, config)}; start a new run from its '
-                              f'weights with --pretrained {requested} instead')
+                              f'{_difference(requested, {**checkpoint, "identity": theirs}, ours, config)}; start a '
+                              f'new run from its weights with --pretrained {requested} instead')
     if newest is not None and os.path.abspath(newest[1]) != os.path.abspath(requested) and newest[0] >= requested_at:
         logger.info(f'resuming {newest[1]} ({describe_position(newest[0])}), not --resume {requested} '
                     f'({describe_position(requested_at)}): the run folder has got further. Set TRAIN.AUTO_RESUME '

@@ -46,7 +46,8 @@ class Teacher:
 
     @property
     def identity(self) -> dict:
-        return {'name': self.name, 'weights_sha256': self.fingerprint}
+        """What a run's checkpoints record: the weights, whatever path or id names them."""
+        return {'weights_sha256': self.fingerprint}
 
 
 def _from_checkpoint(path: str) -> Tuple[nn.Module, dict, Optional[list]]:
@@ -56,15 +57,20 @@ def _from_checkpoint(path: str) -> Tuple[nn.Module, dict, Optional[list]]:
         raise CheckpointError(f'DISTILL.TEACHER {path} is not a training checkpoint of this project (it holds no '
                               'config); for other weights name the architecture: DISTILL.TEACHER fat_b1 '
                               f'DISTILL.TEACHER_WEIGHTS {path}')
-    saved = CfgNode.load_cfg(checkpoint['config'])  # the whole config of its run
-    saved.defrost()
-    state = checkpoint_filter_fn(checkpoint)
-    saved.MODEL.NUM_CLASSES = state['head.weight'].shape[0]
-    saved.MODEL.DWCONV_IMPL = 'auto'
-    model = build_model(saved)
+    try:
+        saved = CfgNode.load_cfg(checkpoint['config'])  # the whole config of its run
+        saved.defrost()
+        state = checkpoint_filter_fn(checkpoint)
+        saved.MODEL.NUM_CLASSES = state['head.weight'].shape[0]
+        saved.MODEL.DWCONV_IMPL = 'auto'
+        model = build_model(saved)
+        form = {**preprocessing(saved), 'fixed_input_size': False}
+    except (KeyError, AttributeError, TypeError, ValueError) as error:  # a classifier-less or older run's file
+        raise CheckpointError(f'DISTILL.TEACHER {path}: cannot rebuild a classifier from the config and weights '
+                              f'inside ({type(error).__name__}: {describe(error)})') from error
     _load(model, state, path)
     classes = (checkpoint.get('identity') or {}).get('data', {}).get('classes')
-    return model, {**preprocessing(saved), 'fixed_input_size': False}, classes
+    return model, form, classes
 
 
 def _from_timm_name(name: str, weights: str) -> nn.Module:
@@ -78,28 +84,25 @@ def _from_timm_name(name: str, weights: str) -> nn.Module:
             return timm.create_model(name, pretrained=True)
         except Exception as error:
             raise CheckpointError(f'cannot get the pretrained weights of DISTILL.TEACHER {name} (offline? give a '
-                                  f'weights file as DISTILL.TEACHER_WEIGHTS): {describe(error)}'
-                                  ) from error
+                                  f'weights file as DISTILL.TEACHER_WEIGHTS): {describe(error)}') from error
     if not os.path.isfile(weights):
         raise CheckpointError(f'DISTILL.TEACHER_WEIGHTS {weights}: no such file')
-    try:
-        state = timm.models.load_state_dict(weights)  # weights only; unwraps 'state_dict', 'model', EMA
-        with torch.device('meta'):
-            classifier = timm.create_model(name).pretrained_cfg.get('classifier', 'head')
-        head = state.get(f'{classifier}.weight')
-        num_classes = head.shape[0] if head is not None else 1000
-        # timm loads the file strictly, through the model's own filter of older layouts
-        return timm.create_model(name, num_classes=num_classes, pretrained=True,
-                                 pretrained_cfg_overlay=dict(file=weights, num_classes=num_classes))
+    try:  # weights only (no code runs); unwraps 'state_dict', 'model' and EMA
+        state = timm.models.load_state_dict(weights, weights_only=True)
     except Exception as error:
-        raise CheckpointError(f'the teacher\'s weights {weights} do not fit {name}: '
-                              f'{describe(error)}') from error
+        raise CheckpointError(f'cannot read DISTILL.TEACHER_WEIGHTS {weights}: {describe(error)}') from error
+    with torch.device('meta'):
+        classifier = timm.create_model(name).pretrained_cfg.get('classifier', 'head')
+    head = state.get(f'{classifier}.weight')
+    model = timm.create_model(name, num_classes=head.shape[0] if head is not None else 1000)
+    _load(model, state, weights)
+    return model
 
 
 def _load(model: nn.Module, state: dict, source: str) -> None:
     problem = state_dict_mismatch(model.state_dict(), state)
     if problem:
-        raise CheckpointError(f'the teacher\'s weights {source} do not fit it: {problem}')
+        raise CheckpointError(f'the teacher\'s weights {source} do not fit {type(model).__name__}: {problem}')
     model.load_state_dict(state)
 
 
@@ -114,7 +117,16 @@ def fingerprint(model: nn.Module) -> str:
 
 def build_teacher(name: str, weights: str = '') -> Teacher:
     """The teacher ``name`` (DISTILL.TEACHER) names, frozen, with ``weights`` (DISTILL.TEACHER_WEIGHTS)
-    for a timm model name."""
+    for a timm model name. The global random state is left as it was: a run's student starts from the
+    same weights with a teacher as without."""
+    if weights and (is_hub_id(name) or os.path.isfile(name)):
+        raise ConfigError(f'DISTILL.TEACHER_WEIGHTS is for a teacher named by its timm model name; {name} brings '
+                          'its own weights')
+    with torch.random.fork_rng(devices=[]):
+        return _build_teacher(name, weights)
+
+
+def _build_teacher(name: str, weights: str) -> Teacher:
     classes = None
     if is_hub_id(name):
         model = create_from_hub(name)

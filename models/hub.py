@@ -48,8 +48,8 @@ def read_weights(spec: str) -> Dict[str, torch.Tensor]:
         if kind == 'local-dir':
             if not os.path.isdir(where):
                 raise CheckpointError(f'{spec}: no such folder')
-            return load_state_dict_from_path(where)
-        return load_state_dict_from_hf(where)
+            return load_state_dict_from_path(where, weights_only=True)
+        return load_state_dict_from_hf(where, weights_only=True)
     except CheckpointError:
         raise
     except Exception as error:  # timm, huggingface_hub and safetensors raise their own kinds

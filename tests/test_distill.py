@@ -4,6 +4,7 @@ classes, unknown, weights without a config, another teacher on resume) are refus
 import argparse
 import logging
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from test_training import TINY_OPTS, make_image_folder, run_main, train_args  # 
 import engine  # noqa: E402
 import main  # noqa: E402
 from config import get_config, parse_command_line  # noqa: E402
-from data import preprocessing  # noqa: E402
+from data import build_loader, preprocessing  # noqa: E402
 from models.distill import Teacher, TeacherLogits, build_teacher  # noqa: E402
 from models.fat import FAT  # noqa: E402
 from utils import CheckpointError, ConfigError  # noqa: E402
@@ -95,12 +96,15 @@ def test_the_loss_is_made_from_the_teachers_logits_on_the_students_mixed_batch(t
 def test_a_killed_distilled_run_reruns_bitwise_equal_and_refuses_another_teacher(data, teacher, tmp_path):
     """Mixup, RandAugment, EMA and a loader worker on, soft distillation: SIGKILL after epoch 0 is
     saved, the same command again ends where an uninterrupted run ends. The checkpoints carry the
-    teacher's identity, not its weights; the folder, or --resume, with another teacher is refused."""
-    opts = [*EXACT_OPTS, 'DISTILL.TYPE', 'soft', 'DISTILL.TEACHER', str(teacher), 'DISTILL.TAU', '2.0']
+    teacher's identity (its weights' hash), not its weights: the same weights elsewhere continue the
+    run, other weights at the same path are refused, in the folder and through --resume."""
+    mine = tmp_path / 'teacher.pth'
+    shutil.copy(teacher, mine)
+    opts = [*EXACT_OPTS, 'DISTILL.TYPE', 'soft', 'DISTILL.TAU', '2.0', 'DISTILL.TEACHER']
     reference = tmp_path / 'reference'
-    run_main(*train_args(data, reference, *opts))
+    run_main(*train_args(data, reference, *opts, str(teacher)))
     killed = tmp_path / 'killed'
-    args = train_args(data, killed, *opts)
+    args = train_args(data, killed, *opts, str(mine))
     proc = start_main(*args)
     wait_for_log(killed / 'fat_b0' / 'default' / 'log.txt', 'Train: [1/3][3/6]', proc)
     proc.send_signal(signal.SIGKILL)
@@ -109,17 +113,19 @@ def test_a_killed_distilled_run_reruns_bitwise_equal_and_refuses_another_teacher
     assert 'resumed from' in restarted.stdout and 'loss_distill' in restarted.stdout
     final = last_checkpoint(killed)
     assert_same_weights(final, last_checkpoint(reference))
-    assert final['identity']['teacher']['name'] == str(teacher)
+    assert final['identity']['teacher'] == {'weights_sha256': build_teacher(str(teacher)).fingerprint}
     assert sum(v.numel() for v in final['model'].values()) == sum(v.numel() for v in FAT(**TINY, num_classes=3)
-                                                                   .state_dict().values())
+                                                                   .state_dict().values())  # no teacher inside
 
-    other = write_teacher(tmp_path / 'other.pth', seed=2)
-    swapped = [*opts[:-4], 'DISTILL.TEACHER', str(other), 'TRAIN.EPOCHS', '4']
-    assert_one_line_error(run_main(*train_args(data, killed, *swapped), check=False),
-                          'holds a run with another teacher', "DISTILL.TEACHER '", '--tag')
-    elsewhere = tmp_path / 'elsewhere'
+    longer = ['TRAIN.EPOCHS', '4', 'TRAIN.WARMUP_EPOCHS', '0', 'PRINT_FREQ', '100']
+    moved = run_main(*train_args(data, killed, *opts, str(teacher), *longer))  # the same weights, another path
+    assert 'resumed from' in moved.stdout and 'EPOCH 3 training' in moved.stdout
+    write_teacher(mine, seed=2)  # other weights under the run's own path
+    assert_one_line_error(run_main(*train_args(data, killed, *opts, str(mine), *longer), check=False),
+                          'holds a run with another teacher', '--tag')
     ckpt = killed / 'fat_b0' / 'default' / 'ckpt_last.pth'
-    assert_one_line_error(run_main(*train_args(data, elsewhere, *swapped), '--resume', ckpt, check=False),
+    assert_one_line_error(run_main(*train_args(data, tmp_path / 'elsewhere', *opts, str(mine), *longer),
+                                   '--resume', ckpt, check=False),
                           f'--resume {ckpt} cannot continue this run', 'another teacher', '--pretrained')
 
 
@@ -135,6 +141,21 @@ def test_a_teacher_of_other_classes_is_refused_before_any_shard_is_fetched(tmp_p
     assert set(server.requests) == {'index.json'}  # the index was read; no shard was fetched
 
 
+def test_a_folders_classes_reach_the_teacher_check_before_its_images_are_listed(tmp_path):
+    folder = make_image_folder(tmp_path / 'data', classes=3, train_per_class=2, val_per_class=1)
+    for image in (folder / 'train' / 'class_2').iterdir():
+        image.rename(image.with_suffix('.txt'))  # listing the images would fail: class_2 has none
+    config = parse_command_line('test', argv=['--device', 'cpu', '--data-path', str(folder)])
+    seen = []
+
+    def refuse(classes):
+        seen.append(list(classes))
+        raise ConfigError('refused')
+    with pytest.raises(ConfigError, match='refused'):
+        build_loader(config, refuse)
+    assert seen == [['class_0', 'class_1', 'class_2']]
+
+
 def test_teachers_that_cannot_serve_are_named_in_one_line(tmp_path):
     bare = tmp_path / 'bare.pth'
     torch.save(FAT(**TINY, num_classes=3).state_dict(), bare)
@@ -144,10 +165,17 @@ def test_teachers_that_cannot_serve_are_named_in_one_line(tmp_path):
         build_teacher('resnet_9000')
     with pytest.raises(CheckpointError, match='no config.json there'):
         build_teacher(f'local-dir:{tmp_path}')
-    with pytest.raises(CheckpointError, match='do not fit resnet18: Error.* Missing key'):  # a named teacher with another model's weights
+    with pytest.raises(CheckpointError, match='do not fit ResNet: missing: .*unexpected'):  # a named teacher with another model's weights
         build_teacher('resnet18', str(bare))
     with pytest.raises(ConfigError, match='DISTILL.TYPE soft needs DISTILL.TEACHER'):
         parse_command_line('test', argv=['--opts', 'DISTILL.TYPE', 'soft'])
+    named = task_with(write_teacher(tmp_path / 'named.pth'), 'soft', tmp_path)
+    named.check_teacher(['class_0', 'class_1', 'class_2'])
+    with pytest.raises(ConfigError, match='knows other classes than the data: class_0, class_1, class_2 ... where '
+                                          'the data has cat, dog, emu'):
+        named.check_teacher(['cat', 'dog', 'emu'])
+    with pytest.raises(ConfigError, match='TEACHER_WEIGHTS is for a teacher named by its timm model name'):
+        build_teacher(str(bare), str(bare))
     import timm
     vit = tmp_path / 'vit.pth'
     torch.save(timm.create_model('vit_tiny_patch16_224', num_classes=3).state_dict(), vit)
@@ -220,4 +248,13 @@ def test_distillation_under_torchrun_with_accumulation(data, teacher, tmp_path):
                                 'DISTILL.TYPE', 'soft', 'DISTILL.TEACHER', str(teacher)), nproc=2)
     assert re.search(r'Train: \[0/1\]\[1/2\].* loss_cls [\d.]+ loss_distill [\d.]+', proc.stdout), proc.stdout
     final = last_checkpoint(tmp_path)
-    assert final['step'] == 2 and final['identity']['teacher']['name'] == str(teacher)
+    assert final['step'] == 2 and 'weights_sha256' in final['identity']['teacher']
+
+
+def test_building_a_teacher_leaves_the_random_state_alone(teacher):
+    """The student is built after the teacher: with the same seed it starts from the same weights."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    build_teacher(str(teacher))
+    assert torch.equal(torch.rand(3), expected)

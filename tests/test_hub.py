@@ -73,7 +73,7 @@ def test_the_folder_loads_through_timm_offline_with_the_checkpoints_logits(train
     assert form['mean'] == [0.485, 0.456, 0.406] and config['model_args']['dwconv_impl'] == 'auto'
     card = (folder / 'README.md').read_text()
     metrics = saved['metrics']
-    assert f'top-1 {metrics["acc1"]:.2f}%' in card and 'epoch 0 of 1' in card and '24 training images' in card
+    assert f'top-1 {metrics["acc1"]:.2f}%' in card and 'after epoch 1 of 1' in card and '24 training images' in card
     assert "`TRAIN.EPOCHS 300 -> 1`" in card and "`MODEL.FAT.EMBED_DIMS [] -> [8, 16, 16, 16]`" in card
     assert ('deploy: BatchNorms' in card) == reparam and 'MODEL.NAME' not in card
 
@@ -91,7 +91,7 @@ def test_the_authors_weights_convert_to_a_folder_with_their_logits(tmp_path):
     proc = export_folder(checkpoint, opts, folder, '--reparam')
     assert '(no class names)' in proc.stdout
     card = (folder / 'README.md').read_text()
-    assert 'Not recorded: these weights came without a training record' in card
+    assert 'Not recorded: these weights came without an evaluation by this project' in card
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     for vector in case['inputs']:
         images = torch.randn(vector['input_shape'], generator=torch.Generator().manual_seed(vector['input_seed']))
