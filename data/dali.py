@@ -35,10 +35,11 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 
 from utils import ConfigError, DataError, SampleError, UserInputError, rank_world
+
+from .build import preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -242,16 +243,16 @@ def _reader(split, rank: int, world: int, training: bool, seed: int):
                                  case_sensitive_extensions=False, missing_component_behavior='error', **common)
 
 
-def _normalize(images, crop: Optional[int] = None, mirror=None):
-    """uint8 HWC -> float32 CHW normalised with timm's ImageNet mean and std (optionally centre-cropped
-    and mirrored)."""
+def _normalize(images, form: dict, crop: Optional[int] = None, mirror=None):
+    """uint8 HWC -> float32 CHW normalised with the run's mean and std (``form``: ``preprocessing``),
+    optionally centre-cropped and mirrored."""
     from nvidia.dali import fn, types
     extra = {'crop': (crop, crop), 'crop_pos_x': 0.5, 'crop_pos_y': 0.5} if crop else {}
     if mirror is not None:
         extra['mirror'] = mirror
     return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout='CHW',
-                                    mean=[255 * m for m in IMAGENET_DEFAULT_MEAN],
-                                    std=[255 * s for s in IMAGENET_DEFAULT_STD], **extra)
+                                    mean=[255 * m for m in form['mean']], std=[255 * s for s in form['std']],
+                                    **extra)
 
 
 def _color_jitter(images, strength: float):
@@ -273,7 +274,7 @@ def _build_pipeline(config, split, training: bool, rank: int, world: int, device
     can be checkpointed, and start from ``checkpoint`` when given."""
     from nvidia.dali import fn, pipeline_def, types
 
-    size = config.DATA.IMG_SIZE
+    size, form = config.DATA.IMG_SIZE, preprocessing(config)
     decoder = 'mixed' if device_id is not None else 'cpu'
     augment = (RandAugment(RandAugmentPolicy.parse(config.AUG.AUTO_AUGMENT), size)
                if training and config.AUG.AUTO_AUGMENT != 'none' else None)
@@ -293,12 +294,11 @@ def _build_pipeline(config, split, training: bool, rank: int, world: int, device
                 images = _color_jitter(images, config.AUG.COLOR_JITTER)
             # The flip comes last: timm flips before RandAugment, whose operations and random signs are
             # symmetric under a flip, so the distribution is the same.
-            images = _normalize(images, mirror=fn.random.coin_flip(probability=config.AUG.HFLIP))
+            images = _normalize(images, form, mirror=fn.random.coin_flip(probability=config.AUG.HFLIP))
         else:
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-            crop_pct = config.TEST.CROP_PCT if config.TEST.CROP else 1.0
-            images = fn.resize(images, resize_shorter=math.floor(size / crop_pct), interp_type=interpolation)
-            images = _normalize(images, crop=size)
+            images = fn.resize(images, resize_shorter=math.floor(size / form['crop_pct']), interp_type=interpolation)
+            images = _normalize(images, form, crop=size)
         return images, labels  # the labels stay on the host: the engine moves them
 
     # Augmentation draws differ per process; the reader's seed (SEED) is the same everywhere.
