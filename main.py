@@ -31,8 +31,8 @@ from models import build_model, checkpoint_filter_fn, count_macs
 from models.distill import Teacher, TeacherLogits, build_teacher, distillation_loss
 from models.export import check_destination, deployable, export as export_model
 from models.hub import check_folder_destination, read_weights, write_folder
-from utils import (CheckpointError, ConfigError, all_reduce, amp_dtype, autocast, load_checkpoint_file,
-                   memory_used_mb, UserInputError, run_entry_point, state_dict_mismatch)
+from utils import (CheckpointError, ConfigError, all_reduce, amp_dtype, autocast, data_record,
+                   load_checkpoint_file, memory_used_mb, UserInputError, run_entry_point, state_dict_mismatch)
 
 
 class Classification(engine.Task):
@@ -341,7 +341,7 @@ def export(session: engine.Session) -> None:
     if not to_folder:
         export_model(model, path, config.DATA.IMG_SIZE, logger)
         return
-    classes = run_record(checkpoint).get('classes') or []
+    classes = data_record(checkpoint).get('classes') or []
     difference = write_folder(deployable(model), path, preprocessing(config), classes,
                               {'dwconv_impl': 'auto', **({'reparameterized': True} if config.REPARAM else {})},
                               model_card(config, model, checkpoint, path.name), logger)
@@ -376,18 +376,12 @@ def _without_folders(value: str) -> str:
     return prefix + value.rstrip('/').rsplit('/', 1)[-1]
 
 
-def run_record(checkpoint: dict) -> dict:
-    """What a training checkpoint of this project tells about its run's data ({} for other weights)."""
-    identity = checkpoint.get('identity')
-    return identity.get('data', {}) if isinstance(identity, dict) else {}
-
-
 def model_card(config, model: nn.Module, checkpoint: dict, name: str) -> str:
     """The README.md of an exported folder: the variant, size and cost, the data set, the recipe (the
     keys in which the run's config differs from its variant's), the final and best metrics, the date."""
     size = config.DATA.IMG_SIZE
     macs = count_macs(model, (config.DATA.IN_CHANS, size, size)) / 1e9
-    record = run_record(checkpoint)
+    record = data_record(checkpoint)
     run = CfgNode.load_cfg(checkpoint['config']) if isinstance(checkpoint.get('config'), str) else None
     recipe = _recipe(config.MODEL.VARIANT, run) if run is not None else None
     metrics = checkpoint.get('metrics') or {}

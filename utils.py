@@ -593,6 +593,14 @@ def load_checkpoint_file(path: str, lazy: bool = False) -> dict:
                               f'checkpoint): {first_line}') from error
 
 
+def data_record(checkpoint: dict) -> dict:
+    """What a training checkpoint of this project records of its run's data (the task's identity of
+    it: classes, image count); {} for other weights."""
+    identity = checkpoint.get('identity')
+    record = identity.get('data') if isinstance(identity, dict) else None
+    return record if isinstance(record, dict) else {}
+
+
 def state_dict_mismatch(own: dict, state: dict) -> str:
     """What keeps ``state`` from loading into a model whose state dict is ``own`` ('' when it fits):
     missing, unexpected and wrongly shaped keys, a few of each."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode
 
 from data import preprocessing
-from utils import CheckpointError, ConfigError, load_checkpoint_file, state_dict_mismatch
+from utils import CheckpointError, ConfigError, data_record, load_checkpoint_file, state_dict_mismatch
 
 from .build import build_model
 from .fat import checkpoint_filter_fn
@@ -69,7 +69,7 @@ def _from_checkpoint(path: str) -> Tuple[nn.Module, dict, Optional[list]]:
         raise CheckpointError(f'DISTILL.TEACHER {path}: cannot rebuild a classifier from the config and weights '
                               f'inside ({type(error).__name__}: {describe(error)})') from error
     _load(model, state, path)
-    classes = (checkpoint.get('identity') or {}).get('data', {}).get('classes')
+    classes = data_record(checkpoint).get('classes')
     return model, form, classes
 
 
