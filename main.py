@@ -27,7 +27,7 @@ import engine
 from config import parse_command_line, recipe_defaults
 from data import build_loader, build_mixup, preprocessing
 from engine.checkpoints import config_changes
-from models import build_model, checkpoint_filter_fn, count_macs
+from models import build_model, checkpoint_filter_fn, choose_kernels, choose_run_kernels, count_macs
 from models.distill import Teacher, TeacherLogits, build_teacher, distillation_loss
 from models.export import check_destination, deployable, export as export_model
 from models.hub import check_folder_destination, read_weights, write_folder
@@ -76,7 +76,7 @@ class Classification(engine.Task):
 
     def build_teacher(self) -> None:
         """With DISTILL.TYPE soft or hard (and not --eval): the teacher, checked against the student's
-        input channels and resolution, on the run's device and memory format, compiled with COMPILE."""
+        input channels and resolution, on the run's device and memory format."""
         config, logger = self.config, self.logger
         if config.DISTILL.TYPE == 'none' or config.EVAL_MODE:
             return
@@ -91,7 +91,7 @@ class Classification(engine.Task):
         module = TeacherLogits(teacher, form['mean'], form['std']).to(self.device)
         if config.CHANNELS_LAST:
             module.to(memory_format=torch.channels_last)
-        self.teacher, self.teacher_logits = teacher, torch.compile(module) if config.COMPILE else module
+        self.teacher, self.teacher_logits = teacher, module  # compiled with COMPILE in on_device
         logger.info(f'distillation: {config.DISTILL.TYPE}, ALPHA {config.DISTILL.ALPHA}, TAU {config.DISTILL.TAU}, '
                     f'from {teacher.name} ({sum(p.numel() for p in teacher.model.parameters()):,} parameters, '
                     f'{teacher.num_classes} classes, trained at {teacher.input_size[1]}px'
@@ -123,6 +123,20 @@ class Classification(engine.Task):
         if config.MODEL.PRETRAINED:
             load_pretrained(model, config.MODEL.PRETRAINED, self.logger)
         return model
+
+    def on_device(self, model: nn.Module) -> None:
+        """The kernels of ``model`` and of the teacher (which is then compiled with COMPILE)."""
+        config = self.config
+        size = (config.DATA.IMG_SIZE,) * 2
+        lines = [choose_run_kernels(config, model, size)]
+        if self.teacher_logits is not None:
+            lines.append(choose_kernels(self.teacher_logits, (config.DATA.IN_CHANS, *size), config.DATA.BATCH_SIZE,
+                                        training=False, dtype=amp_dtype(config, self.device),
+                                        channels_last=config.CHANNELS_LAST, entry=self.teacher_logits.model))
+            if config.COMPILE:
+                self.teacher_logits = torch.compile(self.teacher_logits)
+        for line in filter(None, lines):
+            self.logger.info(line)
 
     def _inputs(self, samples: torch.Tensor) -> torch.Tensor:
         samples = samples.to(self.device, non_blocking=True)
@@ -227,8 +241,11 @@ def throughput(session: engine.Session) -> None:
     task.build_loss(session.config.MODEL.NUM_CLASSES)
     model = engine.build_model(task)
     fresh = copy.deepcopy(model)  # for inference, untouched by the training steps; on the CPU until then
-    train_throughput(task, engine.to_device(model, session))
-    infer_throughput(task, engine.to_device(fresh, session))
+    task.on_device(engine.to_device(model, session))
+    train_throughput(task, model)
+    fresh = engine.to_device(fresh, session)
+    session.logger.info(choose_run_kernels(session.config, fresh, (session.config.DATA.IMG_SIZE,) * 2))
+    infer_throughput(task, fresh)
 
 
 def train_throughput(task: Classification, model: nn.Module) -> float:

@@ -362,12 +362,14 @@ def measure_models(run: Run, task: str) -> Part:
         bench_models.table_lines(results, args.modes)
     if task == 'train':
         lines += ['']
-        for model in dict.fromkeys(r['model'] for r in results):
+        for model, mode in dict.fromkeys((r['model'], r['mode']) for r in results):
             speed = {r['dwconv_impl']: r['img_s'] for r in results
-                     if r['model'] == model and r['mode'] == 'channels_last' and 'error' not in r}
+                     if (r['model'], r['mode']) == (model, mode) and 'error' not in r}
             if 'torch' in speed and 'cuda' in speed:
-                lines.append(f"- {model}, channels_last: depthwise convs on ours (cuda) "
-                             f"{speed['cuda'] / speed['torch']:.2f}x the img/s of PyTorch's (torch)")
+                lines.append(f"- {model}, {mode}: depthwise convs on ours (cuda) "
+                             f"{speed['cuda'] / speed['torch']:.2f}x the img/s of PyTorch's (torch)"
+                             + (f"; auto (timed per case) {speed['auto'] / max(speed['torch'], speed['cuda']):.2f}x "
+                                "the better of the two" if 'auto' in speed else ''))
     lines += [f"- {r['model']} {r['mode']} [{r['dwconv_impl']}]: {r['error']}" for r in failed]
     note = f'{len(results) - len(failed)}/{len(specs)} measurements' + (f', {len(failed)} failed' if failed else '')
     return Part('attention' if failed or len(results) < len(specs) else 'ok', note, dict(results=results), lines)
@@ -457,7 +459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="infer/train modes of bench_models.py (default: channels_last compiled)")
     parser.add_argument('--amp', choices=['none', 'bf16', 'fp16'], help='infer/train autocast (default: bf16 on a GPU)')
     parser.add_argument('--min-seconds', type=float, help='infer/train: timed seconds per measurement (default 2)')
-    parser.add_argument('--dwconv-impl', nargs='+', choices=['auto', 'torch', 'cuda'], default=['torch', 'cuda'],
+    parser.add_argument('--dwconv-impl', nargs='+', choices=['auto', 'torch', 'cuda'], default=['torch', 'cuda', 'auto'],
                         help="train: FAT's depthwise-conv implementations to measure")
     parser.add_argument('--variants', nargs='+', help='FAT variants whose depthwise shapes dwconv measures')
     parser.add_argument('--img-size', type=int, help='default 224 (--tiny: 32)')

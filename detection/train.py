@@ -16,6 +16,7 @@ from yacs.config import CfgNode as CN
 
 import engine
 from config import dense_defaults
+from models import choose_run_kernels
 
 from .data import build_detection_data
 from .evaluate import evaluate_coco
@@ -62,6 +63,12 @@ class DetectionTask(engine.Task):
 
     def build_model(self) -> nn.Module:
         return build_detector(self.config, self.num_classes)
+
+    def on_device(self, model: nn.Module) -> None:
+        size = self.config.DET.MIN_SIZE
+        line = choose_run_kernels(self.config, model, (size, size), entry=model.backbone)
+        if line:
+            self.logger.info(line)
 
     def loss(self, model: nn.Module, batch):
         images, targets = batch

@@ -158,6 +158,7 @@ def train_or_evaluate(task: Task) -> Dict[str, float]:
     check_same_data(data)
     session.logger.info(data.description)
     model = to_device(build_model(task), session)
+    task.on_device(model)
     if not config.EVAL_MODE:
         return Trainer(task, data, model).fit()
     if not config.MODEL.RESUME:

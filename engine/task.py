@@ -59,6 +59,11 @@ class Task:
         """The network on the CPU, pretrained weights loaded when MODEL.PRETRAINED is given."""
         raise NotImplementedError
 
+    def on_device(self, model: nn.Module) -> None:
+        """Called by every process once ``model`` is on the run's device and memory format, before
+        DDP and ``torch.compile`` wrap it: the place to choose its kernels. May use the process group;
+        nothing by default."""
+
     def loss(self, model: nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(total loss, its parts) of one training batch; runs under the engine's autocast."""
         raise NotImplementedError

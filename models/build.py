@@ -5,13 +5,16 @@ table ``MODEL_ARGS`` in ``fat.py``); a non-empty ``MODEL.FAT.*`` list overrides 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import timm
 import torch
 import torch.nn as nn
 
+from utils import amp_dtype
+
 from .backbone import FATBackbone
+from .dwconv import choose_kernels
 from .fat import MODEL_ARGS
 
 # MODEL.FAT keys -> FAT constructor arguments
@@ -61,3 +64,13 @@ def check_architecture(config) -> None:
     with torch.device('meta'):
         timm.create_model(_variant(config), num_classes=0, in_chans=config.DATA.IN_CHANS,
                           dwconv_impl=config.MODEL.DWCONV_IMPL, **arch_overrides(config))
+
+
+def choose_run_kernels(config, model: nn.Module, image_size: Tuple[int, int], entry: Optional[nn.Module] = None) -> str:
+    """``models.dwconv.choose_kernels`` for a run of ``config``: its DATA.BATCH_SIZE images of
+    ``image_size`` (H, W) through ``entry`` (default ``model``), its autocast type and memory format;
+    for training unless EVAL_MODE. The log line it returns ('' when nothing was chosen)."""
+    device = next(model.parameters()).device
+    return choose_kernels(model, (config.DATA.IN_CHANS, *image_size), config.DATA.BATCH_SIZE,
+                          training=not config.EVAL_MODE, dtype=amp_dtype(config, device),
+                          channels_last=bool(config.get('CHANNELS_LAST')), entry=entry)

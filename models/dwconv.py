@@ -7,16 +7,21 @@ of the plain PyTorch layer whatever implementation runs it. It can run the proje
 gradients are needed, our weight gradient (PyTorch's oneDNN one is the slowest op of a CPU training
 step). Chosen by ``impl``:
 
-- ``'auto'``: ours where it is built, passed its first-use self-check on that device and is the
-  faster choice for the shape; PyTorch otherwise. Ours is the ``torch.ops.fat.depthwise_conv2d``
-  operator, so it stays in ``torch.compile`` graphs.
+- ``'auto'``: ours where it is built, passed its first-use self-check on that device and ran
+  faster than PyTorch's for the conv's case (``kernels.dwconv.choose``: timed on the device at first
+  use, remembered); PyTorch otherwise. :func:`choose_kernels` decides every conv of a model once it
+  is on its device, the same on every process, and installs the choice on each (``chosen``); forward
+  passes only read it. Ours is the ``torch.ops.fat.depthwise_conv2d`` operator, so it stays in
+  ``torch.compile`` graphs.
 - ``'torch'``: always ``F.conv2d``.
 - ``'cuda'``: always our kernel on CUDA tensors, an error if it cannot be used; PyTorch on CPU.
 """
 
-from typing import Literal, Optional
+import dataclasses
+from typing import Dict, Literal, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
@@ -46,12 +51,17 @@ def _extension_ready(device_type: str, index: Optional[int], kernel_size: int, s
 
 @torch.compiler.assume_constant_result
 def _extension_chosen(device_type: str, index: Optional[int], kernel_size: int, stride: int, dtype: torch.dtype,
-                      channels_last: bool) -> bool:
-    """'auto' runs ours for this case: ready (above) and measured faster (``kernels.dwconv.preferred``)."""
+                      channels_last: bool, n: int, c: int, h: int, w: int, backward: bool) -> bool:
+    """'auto' for a conv that :func:`choose_kernels` did not decide (a model used on its own): timed
+    at the case's first use in a single process (``kernels.dwconv.choose``), the measured tables
+    where several processes run, so that they all run the same kernels. Constant for
+    ``torch.compile``: decided once, eagerly, while the graph is traced."""
     kernels = _kernels()
-    return (kernels is not None and kernels.supports(kernel_size, stride)
-            and kernels.preferred(kernel_size, stride, dtype, device_type, channels_last)
-            and kernels.is_usable(torch.device(device_type, index), kernel_size, stride, dtype))
+    if kernels is None:
+        return False
+    case = kernels.Case(kernel_size, stride, dtype, channels_last, (n, c, h, w), backward)
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return kernels.choose(torch.device(device_type, index), case, measure=not several)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -77,6 +87,9 @@ class DepthwiseConv2d(nn.Conv2d):
         self.impl = check_impl(impl)
         self.gelu_input = gelu_input
         self.residual = residual
+        # With 'auto': whether ours runs in training ('train') and inference ('infer'), as
+        # choose_kernels decided for this conv; decided per case at first use where empty.
+        self.chosen: Dict[str, bool] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self.gelu_input and self._fused_on_cpu(x):
@@ -103,10 +116,11 @@ class DepthwiseConv2d(nn.Conv2d):
         if self.impl == 'torch' or is_fx_symbolic_tracing():  # an FX graph records PyTorch's ops
             return False
         k, s = self.kernel_size[0], self.stride[0]
+        backward = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if x.is_cuda:
             dtype = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
             if self.impl == 'auto':
-                return _extension_chosen('cuda', x.device.index, k, s, dtype, _is_channels_last(x))
+                return self._auto(x, dtype, backward)
             if not _extension_ready('cuda', x.device.index, k, s, dtype):
                 raise RuntimeError(
                     f'MODEL.DWCONV_IMPL is "cuda" but the depthwise-conv extension in kernels/dwconv has no kernel '
@@ -114,9 +128,17 @@ class DepthwiseConv2d(nn.Conv2d):
                     'self-check on this device; see the warning above, or use "auto" to fall back to PyTorch')
             return True
         # CPU: our kernel differs only in the weight gradient, so it pays only when one is computed.
-        return (self.impl == 'auto' and x.device.type == 'cpu' and torch.is_grad_enabled()
-                and (x.requires_grad or self.weight.requires_grad) and not torch.is_autocast_enabled('cpu')
-                and _extension_chosen('cpu', None, k, s, x.dtype, _is_channels_last(x)))
+        return (self.impl == 'auto' and x.device.type == 'cpu' and backward and x.dtype == torch.float32
+                and not torch.is_autocast_enabled('cpu') and self._auto(x, x.dtype, backward))
+
+    @torch.jit.unused
+    def _auto(self, x: torch.Tensor, dtype: torch.dtype, backward: bool) -> bool:
+        chosen = self.chosen.get('train' if backward else 'infer')
+        if chosen is not None:
+            return chosen
+        n, c, h, w = x.shape
+        return _extension_chosen(x.device.type, x.device.index, self.kernel_size[0], self.stride[0], dtype,
+                                 _is_channels_last(x), n, c, h, w, backward)
 
     def extra_repr(self) -> str:
         extra = f', impl={self.impl}' + ', gelu_input=True' * self.gelu_input + ', residual=True' * self.residual
@@ -143,3 +165,78 @@ def set_dwconv_impl(model: nn.Module, impl: DwConvImpl) -> nn.Module:
         if isinstance(module, DepthwiseConv2d):
             module.impl = impl
     return model
+
+
+def choose_kernels(model: nn.Module, input_shape: Tuple[int, ...], batch_size: int, training: bool,
+                   dtype: Optional[torch.dtype] = None, channels_last: bool = False,
+                   entry: Optional[nn.Module] = None) -> str:
+    """Decide which of ``model``'s 'auto' depthwise convs run ours, now that it is on its device (and
+    memory format), and install the choice on each (``DepthwiseConv2d.chosen``), for training (when
+    ``training``) and inference.
+
+    One forward of ``entry`` (default: ``model``) on one zero image of ``input_shape`` (C, H, W) in
+    eval mode records each conv's case: its input's shape with ``batch_size`` images, its layout, and
+    ``dtype`` (the run's autocast type; None: fp32). Rank 0 decides every case with
+    ``kernels.dwconv.choose`` (timed at first use on this device, remembered) and sends the decisions
+    to the other processes, so that all run the same kernels. Returns a line for the log ('' when no
+    conv is 'auto')."""
+    convs = [m for m in model.modules() if isinstance(m, DepthwiseConv2d) and m.impl == 'auto']
+    kernels = _kernels()
+    if not convs or kernels is None:
+        return ''
+    for conv in convs:
+        conv.chosen = {'train': False, 'infer': False}  # PyTorch's while the cases are recorded
+    seen = _record_inputs(entry or model, convs, input_shape, channels_last, dtype)
+    device = convs[0].weight.device
+    cases = {}
+    for conv, (shape, layout, seen_dtype) in seen.items():
+        for mode in ('train', 'infer') if training else ('infer',):
+            cases[conv, mode] = kernels.Case(conv.kernel_size[0], conv.stride[0], dtype or seen_dtype, layout,
+                                             (batch_size, *shape), mode == 'train')
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    decisions = [None]
+    if not several or dist.get_rank() == 0:
+        tuner = kernels.autotune.tuner(device)
+        before = dataclasses.replace(tuner.stats)
+        decisions[0] = {case.key(): kernels.choose(device, case) for case in cases.values()}
+        after = tuner.stats
+    if several:
+        dist.broadcast_object_list(decisions, src=0)
+    for (conv, mode), case in cases.items():
+        conv.chosen[mode] = decisions[0][case.key()]
+    if several and dist.get_rank() != 0:
+        return ''
+    counts = ', '.join(f'{sum(conv.chosen[mode] for conv in seen)} of {len(seen)} for {name}'
+                       for mode, name in (('train', 'training'), ('infer', 'inference')) if training or mode == 'infer')
+    timed, untimed = after.timed - before.timed, after.untimed - before.untimed
+    return (f'depthwise convs (MODEL.DWCONV_IMPL auto) on {device}: ours in {counts}; {len(decisions[0])} case(s): '
+            f'{timed} timed now ({after.seconds - before.seconds:.1f} s), '
+            + (f'{untimed} left to the tables, ' if untimed else '')
+            + f'{len(decisions[0]) - timed - untimed} decided before'
+            + (f' (kept in {tuner.path})' if tuner.path else ''))
+
+
+def _record_inputs(entry: nn.Module, convs, input_shape, channels_last: bool, dtype: Optional[torch.dtype]) -> dict:
+    """For each of ``convs`` that one eval-mode forward of ``entry`` on a zero image runs: its input's
+    (C, H, W), whether it is channels_last, and its dtype."""
+    seen = {}
+
+    def record(conv, args) -> None:
+        seen.setdefault(conv, (tuple(args[0].shape[1:]), _is_channels_last(args[0]), args[0].dtype))
+
+    hooks = [conv.register_forward_pre_hook(record) for conv in convs]
+    modes = {module: module.training for module in entry.modules()}
+    parameter = next(entry.parameters())
+    image = torch.zeros((1, *input_shape), device=parameter.device, dtype=parameter.dtype)
+    if channels_last:
+        image = image.contiguous(memory_format=torch.channels_last)
+    try:
+        entry.eval()
+        with torch.no_grad(), torch.autocast(parameter.device.type, dtype=dtype, enabled=dtype is not None):
+            entry(image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    return seen

@@ -17,6 +17,7 @@ from yacs.config import CfgNode as CN
 
 import engine
 from config import dense_defaults
+from models import choose_run_kernels
 from utils import all_reduce
 
 from .data import IGNORE_INDEX, build_segmentation_data, confusion_matrix, pad_to_multiple, segmentation_metrics
@@ -64,6 +65,11 @@ class SegmentationTask(engine.Task):
     def build_model(self) -> nn.Module:
         self.dice = DiceLoss('multiclass', ignore_index=IGNORE_INDEX) if self.config.SEG.LOSS == 'ce_dice' else None
         return build_segmenter(self.config)
+
+    def on_device(self, model: nn.Module) -> None:
+        line = choose_run_kernels(self.config, model, (self.config.DATA.CROP_SIZE,) * 2)
+        if line:
+            self.logger.info(line)
 
     def loss(self, model: nn.Module, batch):
         images, masks = (t.to(self.device, non_blocking=True) for t in batch)

@@ -3,6 +3,7 @@ their shared entry point, on a tiny generated set of digit canvases (CPU)."""
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -262,7 +263,10 @@ def test_entry_point_trains_checkpoints_resumes_and_evaluates(tmp_path, canvases
     assert checkpoint['epoch'] == 0 and metric in checkpoint['metrics']
     second = _run(module, cfg, *opts, 'TRAIN.EPOCHS', '2')
     assert second.returncode == 0, second.stderr[-3000:]
-    assert 'resumed from' in (run_dir / 'log.txt').read_text()
+    log = (run_dir / 'log.txt').read_text()
+    assert 'resumed from' in log
+    # the engine's Task.on_device hook: the backbone's kernels chosen once, for training and inference
+    assert re.search(r'depthwise convs \(MODEL.DWCONV_IMPL auto\) on cpu: ours in \d+ of \d+ for training', log)
     assert torch.load(run_dir / 'ckpt_last.pth', weights_only=True)['epoch'] == 1
     evaluated = _run(module, cfg, *opts, '--eval', '--resume', str(run_dir / 'ckpt_last.pth'))
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

@@ -108,13 +108,15 @@ def test_infer_and_train_measure_every_requested_model(tiny_report):
     assert sorted(r['model'] for r in infer) == sorted(models_asked)
     train = report['parts']['train']['data']['results']
     assert sorted((r['model'], r['dwconv_impl']) for r in train) == sorted(
-        [(m, impl) for m in models_asked if m.startswith('fat_') for impl in ('torch', 'cuda')]
+        [(m, impl) for m in models_asked if m.startswith('fat_') for impl in ('torch', 'cuda', 'auto')]
         + [(m, 'auto') for m in models_asked if not m.startswith('fat_')])
     for r in infer + train:
         assert 'error' not in r and r['img_s'] > 0, r
     assert {r['batch'] for r in infer} == {gpu_report.TINY['infer_batch']}
     assert {r['batch'] for r in train} == {gpu_report.TINY['train_batch']}
     assert [json.loads(line) for line in (out / 'train.jsonl').read_text().splitlines()] == train
+    assert any(line.startswith('- fat_b0, channels_last: depthwise convs on ours (cuda)') and
+               'auto (timed per case)' in line for line in (out / 'report.md').read_text().splitlines())
 
 
 def test_throughput_part_keeps_main_py_throughput_lines(tiny_report):

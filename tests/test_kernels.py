@@ -71,6 +71,7 @@ def fresh_state(monkeypatch):
     """Forget the process-wide build and self-check results for the duration of a test."""
     monkeypatch.setattr(dwconv_build, '_loaded', {})
     monkeypatch.setattr(dwconv, '_usable', {})
+    monkeypatch.setattr(dwconv.autotune, '_tuners', {})
 
 
 def reference_op(x, w, b, stride):
@@ -332,6 +333,7 @@ def test_compiled_graph_keeps_our_operator_and_matches_eager(cpu_op):
     from models.dwconv import DepthwiseConv2d
 
     conv = DepthwiseConv2d(8, 5, 2, impl='auto')
+    conv.chosen = {'train': True}  # as choose_kernels installs it (timing may prefer PyTorch at this size)
     targets = []
 
     def recording_backend(gm, example_inputs):
@@ -519,18 +521,25 @@ def test_cpu_weight_gradient_does_not_follow_the_default_dtype(cpu_library):
     torch.testing.assert_close(grad_b, go.sum((0, 2, 3)), rtol=1e-5, atol=1e-5)
 
 
-def test_model_self_checks_every_case_it_runs_on_our_kernel(fresh_state, monkeypatch, cpu_build_dir):
-    """'auto' asks for the (kernel, stride) of each conv it would run on ours, so the first-use check
-    covers exactly what the model runs (here: FAT's CPU training path, kernels >= 5)."""
+def test_model_self_checks_every_case_it_runs_on_our_kernel(fresh_state, monkeypatch, tmp_path):
+    """'auto' self-checks the (kernel, stride) of each conv it could run on ours before timing it, so
+    the first-use check covers exactly what the model runs (here: FAT's CPU training path); a decision
+    remembered from another process is checked again in this one."""
     import models
-    monkeypatch.setenv('FAT_KERNELS_BUILD_DIR', str(cpu_build_dir))
+    monkeypatch.setenv('FAT_KERNELS_BUILD_DIR', str(tmp_path))
     kwargs = dict(embed_dims=(16, 24, 32, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 3), num_classes=10)
-    model = models.FAT(**kwargs, dwconv_impl='auto').train()
-    model(torch.randn(1, 3, 64, 64)).sum().backward()
-    checked = {(k, s) for _, cases in dwconv._usable for k, s, _ in cases}
-    used = {(m.kernel_size[0], m.stride[0]) for m in model.modules() if isinstance(m, models.dwconv.DepthwiseConv2d)}
-    assert checked == {(k, s) for k, s in used if dwconv.preferred(k, s, torch.float32, 'cpu')}
-    assert all(dwconv._usable.values())
+    for remembered in (False, True):
+        dwconv._usable.clear()
+        dwconv.autotune.reset()
+        model = models.FAT(**kwargs, dwconv_impl='auto').train()
+        model(torch.randn(1, 3, 64, 64)).sum().backward()
+        checked = {(k, s) for _, cases in dwconv._usable for k, s, _ in cases}
+        used = {(m.kernel_size[0], m.stride[0]) for m in model.modules() if isinstance(m, models.DepthwiseConv2d)}
+        decided = dwconv.autotune.tuner(torch.device('cpu'))._decided
+        assert len(decided) >= len(used) and all(case.backward for case in decided)
+        ran_ours = {(case.kernel_size, case.stride) for case, ours in decided.items() if ours}
+        assert checked == used if not remembered else ran_ours <= checked <= used
+        assert all(dwconv._usable.values())
 
 
 def test_cpu_kernel_is_usable_after_a_real_build(fresh_state, monkeypatch, tmp_path):

@@ -339,21 +339,30 @@ def test_dwconv_impl_keeps_parameters_and_keys():
 
 def test_dwconv_dispatches_cuda_tensors_to_the_extension(monkeypatch):
     import types
+    from kernels.dwconv import Case
     from models import dwconv
 
-    calls = []
+    calls, asked = [], []
     fake = types.SimpleNamespace(
-        is_usable=lambda device, k, s, dtype: True, supports=lambda k, s: True,
-        preferred=lambda k, s, dtype, device_type, channels_last: k >= 7,
+        Case=Case, is_usable=lambda device, k, s, dtype: True, supports=lambda k, s: True,
+        choose=lambda device, case, measure=True: asked.append((case, measure)) or case.kernel_size >= 7,
         depthwise_conv2d=lambda x, w, b, s: calls.append((w.shape, s)) or F.conv2d(x, w, b, s, w.shape[-1] // 2, 1, w.shape[0]),
     )
     monkeypatch.setattr(dwconv, '_kernels', lambda: fake)
     cuda_input = types.SimpleNamespace(is_cuda=True, device=torch.device('cuda', 0), dtype=torch.float16,
+                                       requires_grad=True, shape=(4, 8, 9, 11),
                                        is_contiguous=lambda memory_format=None: True)
     assert dwconv.create_dwconv(8, 7)._use_extension(cuda_input)
-    assert not dwconv.create_dwconv(8, 3)._use_extension(cuda_input), 'auto keeps cuDNN where ours is not preferred'
+    assert asked == [(Case(7, 1, torch.float16, False, (4, 8, 9, 11), True), True)], 'the case as run, timed'
+    assert not dwconv.create_dwconv(8, 3)._use_extension(cuda_input), 'auto keeps cuDNN where ours is not chosen'
     assert dwconv.create_dwconv(8, 3, impl='cuda')._use_extension(cuda_input)
     assert not dwconv.create_dwconv(8, 7, impl='torch')._use_extension(cuda_input)
+    installed = dwconv.create_dwconv(8, 3)
+    installed.chosen = {'train': True, 'infer': False}  # choose_kernels' decision wins over the case's
+    asked.clear()
+    assert installed._use_extension(cuda_input) and not asked
+    with torch.no_grad():
+        assert not installed._use_extension(cuda_input)
     conv = dwconv.create_dwconv(8, 7, impl='cuda')
     x = torch.randn(1, 8, 9, 9)
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, 1, 3, 1, 8))
@@ -361,6 +370,31 @@ def test_dwconv_dispatches_cuda_tensors_to_the_extension(monkeypatch):
     monkeypatch.setattr(dwconv.DepthwiseConv2d, '_use_extension', lambda self, x: True)
     conv(x)
     assert calls == [(torch.Size([8, 1, 7, 7]), 1)]
+
+
+def test_dwconv_asks_for_the_tables_when_several_processes_run(monkeypatch):
+    """A conv no converter decided is not timed per process under torch.distributed: each could time
+    it differently; the measured tables say the same on every one."""
+    import types
+    from kernels.dwconv import Case
+    from models import dwconv
+
+    asked = []
+    monkeypatch.setattr(dwconv, '_kernels', lambda: types.SimpleNamespace(
+        Case=Case, choose=lambda device, case, measure=True: asked.append(measure) or False))
+    monkeypatch.setattr(dwconv.dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(dwconv.dist, 'get_world_size', lambda: 2)
+    dwconv._extension_chosen('cpu', None, 5, 1, torch.float32, False, 2, 8, 9, 9, True)
+    assert asked == [False]
+
+
+def run_ours(model: nn.Module) -> nn.Module:
+    """``model`` with our kernel chosen for every depthwise conv, as choose_kernels installs a choice
+    (on CPU only training can run it)."""
+    for module in model.modules():
+        if isinstance(module, models.DepthwiseConv2d):
+            module.chosen = {'train': True, 'infer': True}
+    return model
 
 
 def grad_fn_names(output):
@@ -380,7 +414,7 @@ def test_cpu_training_uses_our_depthwise_gradients_and_matches_pytorch():
     if not kernels.dwconv.is_usable('cpu'):
         pytest.fail('the CPU depthwise kernel did not build here (see the warning above)')
     torch.manual_seed(0)
-    ours = tiny_model().train().to(memory_format=torch.channels_last)
+    ours = run_ours(tiny_model().train().to(memory_format=torch.channels_last))
     plain = models.set_dwconv_impl(tiny_model().train(), 'torch').to(memory_format=torch.channels_last)
     plain.load_state_dict(ours.state_dict())
     x = torch.randn(3, 3, 72, 56).to(memory_format=torch.channels_last)
@@ -409,7 +443,7 @@ def test_cpu_training_ffn_keeps_one_activation_fewer_for_backward(saved_bytes):
         pytest.fail('the CPU depthwise kernel did not build here (see the warning above)')
     from models.fat import ConvFFN
     torch.manual_seed(0)
-    ffn = ConvFFN(16, 64, 16, 5, 1).train()
+    ffn = run_ours(ConvFFN(16, 64, 16, 5, 1).train())
     x = torch.randn(2, 16, 20, 20, requires_grad=True)
     fused = saved_bytes(ffn, x)
     unfused = saved_bytes(models.set_dwconv_impl(ffn, 'torch'), x)
@@ -421,17 +455,15 @@ def test_dwconv_cuda_impl_fails_loudly_when_extension_unusable(monkeypatch):
     import types
     from models import dwconv
 
-    unusable = types.SimpleNamespace(is_usable=lambda device, k, s, dtype: False,
-                                     preferred=lambda k, s, dtype, device_type, channels_last: True,
-                                     supports=lambda k, s: True)
+    unusable = types.SimpleNamespace(is_usable=lambda device, k, s, dtype: False, supports=lambda k, s: True)
     monkeypatch.setattr(dwconv, '_kernels', lambda: unusable)
     cuda_input = types.SimpleNamespace(is_cuda=True, device=torch.device('cuda', 0), dtype=torch.float32,
+                                       requires_grad=False, shape=(1, 8, 9, 9),
                                        is_contiguous=lambda memory_format=None: True)
     with pytest.raises(RuntimeError, match='DWCONV_IMPL'):
         dwconv.create_dwconv(8, 7, impl='cuda')._use_extension(cuda_input)
-    assert not dwconv.create_dwconv(8, 7, impl='auto')._use_extension(cuda_input), 'auto falls back silently'
     monkeypatch.setattr(dwconv, '_kernels', lambda: None)
-    assert not dwconv.create_dwconv(8, 7, impl='auto')._use_extension(cuda_input)
+    assert not dwconv.create_dwconv(8, 7, impl='auto')._use_extension(cuda_input), 'auto falls back silently'
 
 
 # --- traced, scripted: what timm's tests/test_models.py checks ------------------------------------

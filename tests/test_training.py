@@ -124,6 +124,11 @@ def test_eval_of_own_checkpoint_reproduces_training_accuracy(image_folder, one_r
     evaluated = run_main('--eval', '--resume', run / 'ckpt_last.pth', *train_args(image_folder, output))
     assert accuracy(evaluated.stdout) == accuracy(trained.stdout)
     assert 'top-5' in evaluated.stdout and 'loss' in evaluated.stdout
+    # the kernels are chosen once the model is on its device: for training and inference, or inference only
+    chosen = re.compile(r'depthwise convs \(MODEL.DWCONV_IMPL auto\) on cpu: ours in (.*);')
+    assert 'for training' in chosen.search(trained.stdout).group(1)
+    assert chosen.search(evaluated.stdout).group(1).endswith('for inference') and \
+        'for training' not in chosen.search(evaluated.stdout).group(1)
     deployed = run_main('--eval', '--reparam', '--resume', run / 'ckpt_last.pth', *train_args(image_folder, output))
     assert 'deploy form' in deployed.stdout
     assert loss(deployed.stdout) == pytest.approx(loss(evaluated.stdout), abs=1e-4)

@@ -12,8 +12,11 @@ Public API (used by ``models/dwconv.py``; this package imports nothing else from
 - ``is_usable(device, kernel_size=None, stride=None, dtype=None)``: our code for that device is built
   and passed its first-use self-check there (for that case, when given).
 - ``supports(kernel_size, stride)`` / ``SUPPORTED_KERNEL_SIZES``: the shapes the kernels implement.
-- ``preferred(kernel_size, stride, dtype, device_type='cuda', channels_last=False)``: whether
-  ``MODEL.DWCONV_IMPL: auto`` picks ours.
+- ``choose(device, case, measure=True)``: whether ``MODEL.DWCONV_IMPL: auto`` runs ours for a
+  ``Case`` (kernel, stride, dtype, layout, input shape, backward): timed against PyTorch at first use
+  on this device and remembered (``autotune.py``); with ``measure=False``, the measured tables.
+- ``preferred(kernel_size, stride, dtype, device_type='cuda', channels_last=False)``: the measured
+  tables (``PREFERRED_CASES``, ``PREFERRED_CPU_CASES``), for cases not timed.
 - ``load_extension(verbose=False)``: the compiled CUDA module (installed, or JIT-built), or None.
 - ``load_cpu_library()``: the compiled CPU weight-gradient function, or None.
 - ``self_check(device, cases, op=depthwise_conv2d)``: what differs from fp64 ``F.conv2d``, or None.
@@ -28,19 +31,20 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import cpu, ops
+from . import autotune, cpu, ops
+from .autotune import Case
 from .build import build_directory, load_cpu_library, load_extension
 
-__all__ = ['PREFERRED_CASES', 'PREFERRED_CPU_CASES', 'SELF_CHECK_SHAPES', 'SUPPORTED_KERNEL_SIZES', 'build_directory',
-           'depthwise_conv2d', 'gelu_depthwise_conv2d', 'is_usable', 'load_cpu_library', 'load_extension',
-           'preferred', 'self_check', 'supports']
+__all__ = ['Case', 'PREFERRED_CASES', 'PREFERRED_CPU_CASES', 'SELF_CHECK_SHAPES', 'SUPPORTED_KERNEL_SIZES',
+           'build_directory', 'choose', 'depthwise_conv2d', 'gelu_depthwise_conv2d', 'is_usable', 'load_cpu_library',
+           'load_extension', 'preferred', 'self_check', 'supports']
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_KERNEL_SIZES = range(3, 32, 2)
 SUPPORTED_STRIDES = (1, 2)
 
-# Where MODEL.DWCONV_IMPL 'auto' uses our kernel instead of cuDNN: (kernel sizes, strides, dtypes,
+# Where MODEL.DWCONV_IMPL 'auto' uses our kernel instead of cuDNN when a case is not timed (``choose``): (kernel sizes, strides, dtypes,
 # layouts) whose every measured shape ran forward + backward at least 1.05x as fast as cuDNN on an H100
 # (benchmarks/bench_dwconv.py, 2026-11-25; tables in benchmarks/README.md). bf16: every depthwise
 # shape of FAT-B0..B3 at 224 and kernels 7..31, batch 128, outputs and gradients compared (1.24-4.1x).
@@ -76,6 +80,26 @@ def preferred(kernel_size: int, stride: int, dtype: torch.dtype, device_type: st
     layout = 'channels_last' if channels_last else 'nchw'
     return any(kernel_size in sizes and stride in strides and dtype in dtypes and layout in layouts
                for sizes, strides, dtypes, layouts in cases)
+
+
+def choose(device: torch.device, case: Case, measure: bool = True) -> bool:
+    """Whether 'auto' runs ours for ``case`` on ``device``: only where the kernels implement it and
+    passed their self-check there, and on CPU only for fp32 cases with a backward (ours differs only
+    in the weight gradient). Then, with ``measure``, as timed against PyTorch at the case's first use
+    on this device and remembered (``autotune``); without, as the measured tables say."""
+    device = torch.device(device)
+    k, s = case.kernel_size, case.stride
+    if not supports(k, s) or device.type not in ('cuda', 'cpu'):
+        return False
+    if device.type == 'cpu' and (not case.backward or case.dtype != torch.float32):
+        return False
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    table = lambda: preferred(k, s, case.dtype, device.type, case.channels_last)  # noqa: E731
+    usable = lambda: is_usable(device, k, s, case.dtype)  # noqa: E731
+    if not measure:
+        return table() and usable()
+    return autotune.tuner(device).decide(case, depthwise_conv2d, usable, table)
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:
