@@ -26,8 +26,9 @@ from yacs.config import CfgNode
 import engine
 from config import parse_command_line, recipe_defaults
 from data import build_loader, build_mixup, preprocessing
-from engine.checkpoints import config_changes
-from models import build_model, checkpoint_filter_fn, choose_kernels, choose_run_kernels, count_macs
+from engine.checkpoints import LAUNCH_KEYS, config_changes
+from models import (build_model, check_architecture, checkpoint_filter_fn, choose_kernels, choose_run_kernels,
+                    count_macs)
 from models.distill import Teacher, TeacherLogits, build_teacher, distillation_loss
 from models.export import check_destination, deployable, export as export_model
 from models.hub import check_folder_destination, read_weights, write_folder
@@ -40,11 +41,17 @@ class Classification(engine.Task):
     cross-entropy (blended with a teacher's logits under DISTILL), top-1 / top-5."""
 
     primary_metric = 'acc1'
+    identity_sections = ('MODEL.', 'DATA.', 'DISTILL.')
+    # Folders and their shards hold the same samples in the same order (data/shards.py).
+    launch_keys = ('THROUGHPUT_MODE', 'DATA.FORMAT', 'DATA.SHARD_CACHE', 'DATA.FETCH_RETRIES', 'DATA.FETCH_TIMEOUT')
 
     def __init__(self, session: engine.Session):
         super().__init__(session)
         self.teacher: Optional[Teacher] = None  # DISTILL.TEACHER, when training with distillation
         self.teacher_logits: Optional[nn.Module] = None  # it, on the device, run on the student's batches
+
+    def check_config(self) -> None:
+        check_architecture(self.config)
 
     def build_data(self) -> engine.TaskData:
         config = self.config
@@ -234,6 +241,7 @@ def throughput(session: engine.Session) -> None:
     DATA.IMG_SIZE, TRAIN.ACCUMULATION_STEPS, AMP, COMPILE, CHANNELS_LAST) on synthetic batches, with
     no data folder: how long the run will take, before it starts."""
     task = Classification(session)
+    engine.check_config(task)
     task.build_teacher()
     if task.teacher is not None and task.teacher.num_classes != session.config.MODEL.NUM_CLASSES:
         raise ConfigError(f'DISTILL.TEACHER {task.teacher.name} has {task.teacher.num_classes} classes: set '
@@ -348,6 +356,7 @@ def export(session: engine.Session) -> None:
     if config.MODEL.DWCONV_IMPL == 'cuda':
         logger.info('--export writes PyTorch depthwise convs: our kernels (MODEL.DWCONV_IMPL cuda) are never exported')
     task = Classification(session)
+    engine.check_config(task)
     model = engine.build_model(task)
     checkpoint = load_checkpoint_file(config.MODEL.RESUME) if config.MODEL.RESUME else {}
     if checkpoint:
@@ -374,7 +383,7 @@ _PATH_KEYS = ('DISTILL.TEACHER', 'DISTILL.TEACHER_WEIGHTS')
 def _recipe(variant: str, run: CfgNode) -> List[str]:
     """The training keys in which ``run`` differs from ``variant``'s config, as 'KEY default -> run'."""
     recipe = []
-    for change in config_changes(recipe_defaults(variant).dump(), run):
+    for change in config_changes(recipe_defaults(variant).dump(), run, LAUNCH_KEYS + Classification.launch_keys):
         key = change.split(' ', 1)[0]
         if not key.startswith(('MODEL.', 'DATA.', 'TRAIN.', 'AUG.', 'TEST.', 'DISTILL.', 'AMP_', 'SEED')) or \
                 key in ('MODEL.NAME', 'MODEL.PRETRAINED'):

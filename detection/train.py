@@ -16,7 +16,7 @@ from yacs.config import CfgNode as CN
 
 import engine
 from config import dense_defaults
-from models import choose_run_kernels
+from models import check_architecture, choose_run_kernels
 
 from .data import build_detection_data
 from .evaluate import evaluate_coco
@@ -51,6 +51,7 @@ class DetectionTask(engine.Task):
     """COCO-format detection: torchvision's RetinaNet or Mask R-CNN on FAT, scored by COCOeval."""
 
     primary_metric = 'bbox_AP'
+    identity_sections = ('MODEL.', 'DATA.', 'DET.')
 
     def build_data(self) -> engine.TaskData:
         dataset_train, loader_train, loader_val, self.coco_val, self.num_classes = build_detection_data(
@@ -63,6 +64,9 @@ class DetectionTask(engine.Task):
 
     def build_model(self) -> nn.Module:
         return build_detector(self.config, self.num_classes)
+
+    def check_config(self) -> None:
+        check_architecture(self.config)
 
     def on_device(self, model: nn.Module) -> None:
         size = self.config.DET.MIN_SIZE

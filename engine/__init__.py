@@ -25,7 +25,6 @@ import torch.nn as nn
 import slurm
 from config import output_dir, parse_command_line
 from logger import create_logger
-from models import check_architecture
 from utils import (ConfigError, DataError, FolderLock, UserInputError, agree, amp_dtype, cpu_group,
                    fit_cpu_threads, gather_objects, init_distributed, is_distributed, keep_freed_memory,
                    leftover_temporaries, load_checkpoint_file, prepare_together, run_entry_point,
@@ -35,7 +34,7 @@ from .checkpoints import config_changes, load_weights
 from .task import Session, Task, TaskData
 from .trainer import BatchNormGuard, Trainer, evaluate, sync_batchnorm
 
-__all__ = ['BatchNormGuard', 'Session', 'Task', 'TaskData', 'Trainer', 'build_model', 'claim_run_folder',
+__all__ = ['BatchNormGuard', 'Session', 'Task', 'TaskData', 'Trainer', 'build_model', 'check_config', 'claim_run_folder',
            'config_changes', 'evaluate', 'load_weights', 'main', 'start', 'sync_batchnorm', 'to_device',
            'train_or_evaluate']
 
@@ -56,8 +55,8 @@ def _writable_folder(out_dir: str) -> Optional[UserInputError]:
 
 def start(config) -> Session:
     """Join the other processes (under torchrun, or as Slurm's tasks under srun), fit the CPU threads,
-    check the architecture, make the run folder and the log; before any data is read. A folder that one
-    process cannot write stops every process."""
+    make the run folder and the log; before any data is read. A folder that one process cannot write
+    stops every process."""
     os.environ.update(slurm.torch_environment())
     slurm.record_time_limit_signal()
     rank, world_size, device = init_distributed(config.DEVICE, config.DIST_TIMEOUT)
@@ -67,10 +66,6 @@ def start(config) -> Session:
     lowered = fit_cpu_threads(1 if slurm.task_has_own_cpus() else int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
     heap_reuse = device.type == 'cpu' and keep_freed_memory()
     seed_everything(config.SEED + rank)
-    try:
-        check_architecture(config)
-    except ValueError as error:
-        raise ConfigError(f'MODEL: {error}') from error
     precision = amp_dtype(config, device)
     logger.info(f'{world_size} process(es) on {device}; {torch.get_num_threads()} CPU threads per process'
                 + (f' (lowered from {lowered[0]} so that the processes fit the cores this job may use)'
@@ -128,6 +123,14 @@ def _summary(identity: dict, keys: List[str]) -> str:
                      f'{len(identity[key])} {key} ({", ".join(map(str, identity[key][:3]))} ...)' for key in keys)
 
 
+def check_config(task: Task) -> None:
+    """``task.check_config()``, its ValueError a config error (one line)."""
+    try:
+        task.check_config()
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
 def build_model(task: Task) -> nn.Module:
     """``task.build_model()`` (on the CPU), its size logged; a bad architecture argument is a config error."""
     try:
@@ -152,6 +155,7 @@ def train_or_evaluate(task: Task) -> Dict[str, float]:
     """With EVAL_MODE evaluate MODEL.RESUME; otherwise train, resuming where the run folder (or
     MODEL.RESUME) left off. Returns the last metrics."""
     session, config = task.session, task.config
+    check_config(task)
     if not config.EVAL_MODE:
         claim_run_folder(session)
     data = prepare_together(task.build_data, session.device, session.logger)

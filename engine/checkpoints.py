@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,11 +27,10 @@ from utils import (CHECKPOINT_BEST, CHECKPOINT_LAST, CheckpointError, atomic_sav
 # What a training checkpoint holds beyond the weights; a file without them cannot be resumed.
 CHECKPOINT_KEYS = ('model', 'optimizer', 'optimizer_params', 'scaler', 'epoch', 'step', 'steps_per_epoch',
                    'samples_per_step', 'best_metric', 'nonfinite_steps', 'rng', 'config', 'identity')
-# Keys that say how a run is launched, not what it trains: never reported as changed on resume.
-# Folders and their shards hold the same samples in the same order (data/shards.py).
-_LAUNCH_KEYS = ('MODEL.RESUME', 'EVAL_MODE', 'THROUGHPUT_MODE', 'OUTPUT', 'DATA.DATA_PATH', 'DATA.FORMAT',
-                'DATA.SHARD_CACHE', 'DATA.FETCH_RETRIES', 'DATA.FETCH_TIMEOUT', 'DATA.NUM_WORKERS',
-                'DATA.PREFETCH_FACTOR', 'DATA.PIN_MEMORY', 'DEVICE', 'DIST_TIMEOUT')
+# The engine's keys that say how a run is launched, not what it trains: never reported as changed on
+# resume (a task adds its own: ``Task.launch_keys``).
+LAUNCH_KEYS = ('MODEL.RESUME', 'EVAL_MODE', 'OUTPUT', 'DATA.DATA_PATH', 'DATA.NUM_WORKERS', 'DATA.PREFETCH_FACTOR',
+               'DATA.PIN_MEMORY', 'DEVICE', 'DIST_TIMEOUT')
 
 
 # Identity entries an explicit MODEL.RESUME may differ in: the weights' fit is checked as they load,
@@ -64,25 +63,34 @@ def _flatten(node: dict, prefix: str = '') -> Dict[str, object]:
     return flat
 
 
-def config_changes(saved_yaml: str, config) -> List[str]:
-    """``KEY old -> new`` for every key whose value differs from a checkpoint's config."""
+def config_changes(saved_yaml: str, config, launch_keys: Sequence[str] = LAUNCH_KEYS) -> List[str]:
+    """``KEY old -> new`` for every key whose value differs from a checkpoint's config, but for
+    ``launch_keys``."""
     old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(yaml.safe_load(config.dump()))
     return [f'{key} {old.get(key)!r} -> {new.get(key)!r}' for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and key not in _LAUNCH_KEYS]
+            if old.get(key) != new.get(key) and key not in launch_keys]
 
 
-def _foreign(out_dir: str, path: str, checkpoint: dict, identity: dict, config) -> str:
-    return (f'{out_dir} holds a run with {_difference(path, checkpoint, identity, config)}; start a separate run '
-            'with --tag NAME (or another --output) instead of resuming it')
+@dataclass(frozen=True)
+class RunKeys:
+    """What a task says of its config keys: the sections that make what a run trains
+    (``Task.identity_sections``), and how it is launched (``LAUNCH_KEYS`` and ``Task.launch_keys``)."""
+    identity_sections: Tuple[str, ...]
+    launch_keys: Tuple[str, ...]
 
 
-def _difference(path: str, checkpoint: dict, identity: dict, config) -> str:
+def _foreign(out_dir: str, path: str, checkpoint: dict, identity: dict, config, keys: RunKeys) -> str:
+    return (f'{out_dir} holds a run with {_difference(path, checkpoint, identity, config, keys)}; start a separate '
+            'run with --tag NAME (or another --output) instead of resuming it')
+
+
+def _difference(path: str, checkpoint: dict, identity: dict, config, keys: RunKeys) -> str:
     """'another KEY (PATH: the config keys behind it)' for the first identity entry in which
     ``checkpoint`` differs from ``identity``."""
     theirs = checkpoint['identity']
     what = next(key for key in (*identity, *theirs) if theirs.get(key) != identity.get(key))
-    changed = [c for c in config_changes(checkpoint['config'], config)
-               if c.startswith(('MODEL.', 'DATA.', 'DET.', 'SEG.', 'DISTILL.'))]
+    changed = [c for c in config_changes(checkpoint['config'], config, keys.launch_keys)
+               if c.startswith(keys.identity_sections)]
     return f'another {what} ({path}' + (f': {"; ".join(changed[:4])}' if changed else '') + ')'
 
 
@@ -110,7 +118,7 @@ def describe_position(place: Optional[tuple]) -> str:
     return 'none' if place is None else f'epoch {place[0]}, {100 * place[1]:.0f}% of it done'
 
 
-def survey(out_dir: str, identity: dict, config) -> Survey:
+def survey(out_dir: str, identity: dict, config, keys: RunKeys) -> Survey:
     """Read the small entries of every checkpoint of ``out_dir``: which can be resumed and where each
     stands in training (by the epoch and step stored inside, whatever the file times say), which
     cannot and why, and whether one belongs to a run of another identity."""
@@ -126,7 +134,7 @@ def survey(out_dir: str, identity: dict, config) -> Survey:
             found.unusable.append((path, f'not a training checkpoint of this project (no {", ".join(missing)})'))
             continue
         if checkpoint['identity'] != identity and not found.foreign:
-            found.foreign = _foreign(out_dir, path, checkpoint, identity, config)
+            found.foreign = _foreign(out_dir, path, checkpoint, identity, config, keys)
         found.best_seen = max(found.best_seen, checkpoint['best_metric'])
         found.saves = max(found.saves, checkpoint.get('saves', 0))
         found.resumable.append((position(checkpoint), path))
@@ -134,8 +142,8 @@ def survey(out_dir: str, identity: dict, config) -> Survey:
     return found
 
 
-def choose(found: Survey, out_dir: str, identity: dict, config,
-           logger: logging.Logger) -> Tuple[Optional[str], Optional[tuple]]:
+def choose(found: Survey, out_dir: str, identity: dict, config, logger: logging.Logger,
+           keys: RunKeys) -> Tuple[Optional[str], Optional[tuple]]:
     """(the checkpoint to resume, its position) from rank 0's survey: with TRAIN.AUTO_RESUME the run
     folder's newest, unless MODEL.RESUME is further in training (a --resume left on the command line
     never takes a run back); else MODEL.RESUME. A folder whose checkpoints cannot be read, or would
@@ -164,7 +172,7 @@ def choose(found: Survey, out_dir: str, identity: dict, config,
     ours = {key: value for key, value in identity.items() if key not in _CHECKED_WHEN_LOADED}
     if theirs != ours:
         raise CheckpointError(f'--resume {requested} cannot continue this run: it was trained with '
-                              f'{_difference(requested, {**checkpoint, "identity": theirs}, ours, config)}; start a '
+                              f'{_difference(requested, {**checkpoint, "identity": theirs}, ours, config, keys)}; start a '
                               f'new run from its weights with --pretrained {requested} instead')
     if newest is not None and os.path.abspath(newest[1]) != os.path.abspath(requested) and newest[0] >= requested_at:
         logger.info(f'resuming {newest[1]} ({describe_position(newest[0])}), not --resume {requested} '

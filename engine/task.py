@@ -42,12 +42,21 @@ class Task:
 
     #: the key of ``evaluate``'s result that picks ckpt_best.pth (higher is better)
     primary_metric: str = ''
+    #: the config sections whose keys make what a run trains: named when a run folder or --resume differs
+    identity_sections: Tuple[str, ...] = ('MODEL.', 'DATA.')
+    #: config keys that say how a run of this task is launched, beyond the engine's own
+    #: (``checkpoints.LAUNCH_KEYS``): never reported as changed on resume
+    launch_keys: Tuple[str, ...] = ()
 
     def __init__(self, session: Session):
         self.session = session
         self.config = session.config
         self.device = session.device
         self.logger = session.logger
+
+    def check_config(self) -> None:
+        """Raise ValueError naming what in the config cannot work (an architecture that cannot be
+        built), before the run folder is claimed and any data is read. Nothing by default."""
 
     def build_data(self) -> TaskData:
         """Training and evaluation data; may set config keys that follow the data (class count). It

@@ -116,6 +116,7 @@ class Trainer:
         self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)  # optimizer step index
         self.identity = {'architecture': checkpoints.architecture_signature(model), 'data': data.identity,
                          **task.identity()}
+        self.run_keys = checkpoints.RunKeys(task.identity_sections, checkpoints.LAUNCH_KEYS + task.launch_keys)
         self.writer: Optional[SummaryWriter] = None
         self.stop: Optional[StopSignal] = None
 
@@ -377,13 +378,13 @@ class Trainer:
         The schedule, LR scaling and the rest follow the current config, and the keys that changed
         are logged."""
         session, config = self.session, self.config
-        found = checkpoints.survey(session.out_dir, self.identity, config)
+        found = checkpoints.survey(session.out_dir, self.identity, config, self.run_keys)
         choice, problem = None, None
         if session.rank == 0:
             for path, why in found.unusable:
                 self.logger.warning(f'skipping {path}: {why}')
             try:
-                choice = checkpoints.choose(found, session.out_dir, self.identity, config, self.logger)
+                choice = checkpoints.choose(found, session.out_dir, self.identity, config, self.logger, self.run_keys)
             except CheckpointError as error:
                 problem = error
         agree(problem)
@@ -436,7 +437,7 @@ class Trainer:
             self.logger.warning(f'{path}: {rng_problem}')
         else:
             set_rng_state(checkpoint['rng'][session.rank])
-        changes = checkpoints.config_changes(checkpoint['config'], self.config)
+        changes = checkpoints.config_changes(checkpoint['config'], self.config, self.run_keys.launch_keys)
         if changes:
             self.logger.info('the config differs from the checkpoint\'s; the current one applies: ' + '; '.join(changes))
         self.logger.info(f'resumed from {path} (epoch {progress.epoch}, {progress.step} steps done, '

@@ -61,9 +61,12 @@ def build_backbone(config, out_indices: Sequence[int] = (0, 1, 2, 3)) -> FATBack
 def check_architecture(config) -> None:
     """Build the FAT that ``config`` describes on the meta device (no memory, no weights), so that a
     wrong variant or an inconsistent MODEL.FAT raises ValueError before any data is read."""
-    with torch.device('meta'):
-        timm.create_model(_variant(config), num_classes=0, in_chans=config.DATA.IN_CHANS,
-                          dwconv_impl=config.MODEL.DWCONV_IMPL, **arch_overrides(config))
+    try:
+        with torch.device('meta'):
+            timm.create_model(_variant(config), num_classes=0, in_chans=config.DATA.IN_CHANS,
+                              dwconv_impl=config.MODEL.DWCONV_IMPL, **arch_overrides(config))
+    except ValueError as error:
+        raise ValueError(f'MODEL: {error}') from error
 
 
 def choose_run_kernels(config, model: nn.Module, image_size: Tuple[int, int], entry: Optional[nn.Module] = None) -> str:

@@ -17,7 +17,7 @@ from yacs.config import CfgNode as CN
 
 import engine
 from config import dense_defaults
-from models import choose_run_kernels
+from models import check_architecture, choose_run_kernels
 from utils import all_reduce
 
 from .data import IGNORE_INDEX, build_segmentation_data, confusion_matrix, pad_to_multiple, segmentation_metrics
@@ -54,6 +54,7 @@ class SegmentationTask(engine.Task):
     """Semantic segmentation on image/mask folders, scored by mIoU."""
 
     primary_metric = 'mIoU'
+    identity_sections = ('MODEL.', 'DATA.', 'SEG.')
 
     def build_data(self) -> engine.TaskData:
         dataset_train, loader_train, loader_val = build_segmentation_data(self.config)
@@ -65,6 +66,9 @@ class SegmentationTask(engine.Task):
     def build_model(self) -> nn.Module:
         self.dice = DiceLoss('multiclass', ignore_index=IGNORE_INDEX) if self.config.SEG.LOSS == 'ce_dice' else None
         return build_segmenter(self.config)
+
+    def check_config(self) -> None:
+        check_architecture(self.config)
 
     def on_device(self, model: nn.Module) -> None:
         line = choose_run_kernels(self.config, model, (self.config.DATA.CROP_SIZE,) * 2)

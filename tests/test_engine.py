@@ -16,6 +16,8 @@ sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402
 from config import get_config  # noqa: E402
+from engine import checkpoints  # noqa: E402
+from main import Classification  # noqa: E402
 from utils import StopSignal, fit_cpu_threads  # noqa: E402
 
 
@@ -52,6 +54,20 @@ def test_config_changes_name_each_key_and_skip_how_the_run_was_launched():
     old = get_config(Namespace(cfg=None, opts=['TRAIN.EPOCHS', '10', 'OUTPUT', 'a']))
     new = get_config(Namespace(cfg=None, opts=['TRAIN.EPOCHS', '20', 'OUTPUT', 'b', 'TRAIN.BASE_LR', '0.001']))
     assert engine.config_changes(old.dump(), new) == ['TRAIN.BASE_LR 0.0005 -> 0.001', 'TRAIN.EPOCHS 10 -> 20']
+    # a task's own launch keys (classification's data format) are skipped where it says so
+    plain, sharded = (get_config(Namespace(cfg=None, opts=opts)) for opts in (None, ['DATA.FORMAT', 'shards']))
+    assert engine.config_changes(plain.dump(), sharded) == ["DATA.FORMAT 'auto' -> 'shards'"]
+    assert engine.config_changes(plain.dump(), sharded, checkpoints.LAUNCH_KEYS + Classification.launch_keys) == []
+
+
+def test_a_foreign_run_is_explained_by_the_task_sections_keys():
+    """The keys named beside a differing identity are those of the task's identity sections."""
+    old = get_config(Namespace(cfg=None, opts=['DISTILL.TAU', '2.0', 'AUG.REPROB', '0.1']))
+    new = get_config(Namespace(cfg=None, opts=None))
+    checkpoint = {'identity': {'teacher': 'x'}, 'config': old.dump()}
+    keys = checkpoints.RunKeys(Classification.identity_sections, checkpoints.LAUNCH_KEYS)
+    said = checkpoints._difference('ckpt.pth', checkpoint, {'teacher': 'y'}, new, keys)
+    assert said == 'another teacher (ckpt.pth: DISTILL.TAU 2.0 -> 1.0)'
 
 
 @pytest.mark.parametrize('threads,processes,cores,expected', [(2, 2, 2, (2, 1)), (8, 2, 16, None), (16, 3, 16, (16, 5)),
