@@ -32,8 +32,8 @@ from models import (build_model, check_architecture, checkpoint_filter_fn, choos
 from models.distill import Teacher, TeacherLogits, build_teacher, distillation_loss
 from models.export import check_destination, deployable, export as export_model
 from models.hub import check_folder_destination, read_weights, write_folder
-from utils import (CheckpointError, ConfigError, all_reduce, amp_dtype, autocast, data_record,
-                   load_checkpoint_file, memory_used_mb, UserInputError, run_entry_point, state_dict_mismatch)
+from utils import (all_reduce, amp_dtype, autocast, ConfigError, data_record, load_checkpoint_file, load_weights,
+                   memory_used_mb, run_entry_point, UserInputError)
 
 
 class Classification(engine.Task):
@@ -202,10 +202,7 @@ def load_pretrained(model: nn.Module, path: str, logger) -> None:
         logger.info(f'{path}: {key} {tuple(state[key].shape)} does not fit {tuple(own[key].shape)}; '
                     'the classifier is re-initialised for fine-tuning')
         state[key] = own[key]
-    report = state_dict_mismatch(own, state)
-    if report:
-        raise CheckpointError(f'{path} does not fit this model (check MODEL.VARIANT and MODEL.FAT): {report}')
-    model.load_state_dict(state)
+    load_weights(model, state, path, 'this model (check MODEL.VARIANT and MODEL.FAT)')
     logger.info(f'loaded weights from {path}')
 
 

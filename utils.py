@@ -601,6 +601,16 @@ def data_record(checkpoint: dict) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def load_weights(model: torch.nn.Module, state: dict, source: str, target: str = 'this model') -> None:
+    """Load ``state`` into ``model``, every key at its shape, or raise one CheckpointError:
+    '``source`` does not fit ``target``: what is missing, unexpected or of another shape'. The one
+    way weights are loaded: checkpoints, pretrained weights, backbones and teachers."""
+    report = state_dict_mismatch(model.state_dict(), state)
+    if report:
+        raise CheckpointError(f'{source} does not fit {target}: {report}')
+    model.load_state_dict(state)
+
+
 def state_dict_mismatch(own: dict, state: dict) -> str:
     """What keeps ``state`` from loading into a model whose state dict is ``own`` ('' when it fits):
     missing, unexpected and wrongly shaped keys, a few of each."""

@@ -180,10 +180,9 @@ class Run:
             md.append(f"| {name} | {part['status']} | {seconds} | {part.get('note', '')} |")
         for name, lines in self.lines.items():
             md += ['', f'## {name}', ''] + lines
+        from utils import atomic_write_text
         for file, text in (('report.json', json.dumps(report, indent=1)), ('report.md', '\n'.join(md) + '\n')):
-            tmp = self.out / (file + '.tmp')
-            tmp.write_text(text)
-            tmp.replace(self.out / file)
+            atomic_write_text(text, str(self.out / file))
 
     def run_part(self, name: str) -> None:
         print(f'\n=== {name} ===', flush=True)

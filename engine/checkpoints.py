@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import yaml
 
+import utils
 from utils import (CHECKPOINT_BEST, CHECKPOINT_LAST, CheckpointError, atomic_save, checkpoint_files,
-                   agree, epoch_checkpoint_name, epoch_of_checkpoint_name, load_checkpoint_file,
-                   state_dict_mismatch)
+                   agree, epoch_checkpoint_name, epoch_of_checkpoint_name, load_checkpoint_file)
 
 # What a training checkpoint holds beyond the weights; a file without them cannot be resumed.
 CHECKPOINT_KEYS = ('model', 'optimizer', 'optimizer_params', 'scaler', 'epoch', 'step', 'steps_per_epoch',
@@ -39,12 +39,8 @@ _CHECKED_WHEN_LOADED = ('architecture', 'data')
 
 
 def load_weights(model: nn.Module, state: dict, path: str) -> None:
-    """Load ``state`` into ``model``, or name the keys that keep it from fitting."""
-    report = state_dict_mismatch(model.state_dict(), state)
-    if report:
-        raise CheckpointError(f'{path} does not fit this model (another MODEL.VARIANT, MODEL.FAT or class count?): '
-                              f'{report}')
-    model.load_state_dict(state)
+    """Load a checkpoint's ``state`` into ``model``, or name the keys that keep it from fitting."""
+    utils.load_weights(model, state, path, 'this model (another MODEL.VARIANT, MODEL.FAT or class count?)')
 
 
 def architecture_signature(model: nn.Module) -> str:

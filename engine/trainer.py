@@ -413,8 +413,8 @@ class Trainer:
         if self.loss_scaling:
             self.scaler.load_state_dict(checkpoint['scaler'])
         if self.ema is not None:  # newly enabled: it starts from the resumed weights
-            self.ema.module.load_state_dict(checkpoint['ema'] if checkpoint['ema'] is not None
-                                            else self.model.state_dict())
+            checkpoints.load_weights(self.ema.module, checkpoint['ema'] if checkpoint['ema'] is not None
+                                     else self.model.state_dict(), f'{path} (its EMA weights)')
         progress.epoch, progress.step = checkpoints.resume_position(
             checkpoint, self.config.DATA.BATCH_SIZE * session.world_size, self.steps_per_epoch, self.accumulation,
             self.logger)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from timm.layers import freeze_batch_norm_2d
 
-from utils import CheckpointError
+from utils import load_weights
 
 from .fat import FAT, MODEL_ARGS
 from .hub import read_weights
@@ -80,12 +80,9 @@ class FATBackbone(nn.Module):
         authors', a bare state dict, or a ``local-dir:``/``hf-hub:`` folder); the classification head
         and final norm are dropped, the map norms keep their initialisation. Raises CheckpointError
         naming the keys when the weights do not fit."""
-        state = {k: v for k, v in read_weights(path).items() if not k.startswith(('head.', 'norm.'))}
+        state = read_weights(path)
+        # Stages beyond out_indices were pruned (their weights are left out); FrozenBatchNorm2d keeps no
+        # num_batches_tracked.
         own = self.body.state_dict()
-        # Stages beyond out_indices were pruned; FrozenBatchNorm2d keeps no num_batches_tracked.
-        missing = sorted(k for k in own if k not in state)
-        mismatched = sorted(k for k in own if k in state and own[k].shape != state[k].shape)
-        if missing or mismatched:
-            raise CheckpointError(f'{path} does not fit this backbone (another FAT variant?): '
-                             f'missing {missing[:5]}, shape mismatch {mismatched[:5]}')
-        self.body.load_state_dict({k: state[k] for k in own})
+        load_weights(self.body, {k: v for k, v in state.items() if k in own}, path,
+                     'this backbone (another FAT variant?)')

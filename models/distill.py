@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode
 
 from data import preprocessing
-from utils import CheckpointError, ConfigError, data_record, load_checkpoint_file, state_dict_mismatch
+from utils import CheckpointError, ConfigError, data_record, load_checkpoint_file, load_weights
 
 from .build import build_model
 from .fat import checkpoint_filter_fn
@@ -68,7 +68,7 @@ def _from_checkpoint(path: str) -> Tuple[nn.Module, dict, Optional[list]]:
     except (KeyError, AttributeError, TypeError, ValueError) as error:  # a classifier-less or older run's file
         raise CheckpointError(f'DISTILL.TEACHER {path}: cannot rebuild a classifier from the config and weights '
                               f'inside ({type(error).__name__}: {describe(error)})') from error
-    _load(model, state, path)
+    load_weights(model, state, f'the teacher\'s weights {path}', type(model).__name__)
     classes = data_record(checkpoint).get('classes')
     return model, form, classes
 
@@ -95,15 +95,8 @@ def _from_timm_name(name: str, weights: str) -> nn.Module:
         classifier = timm.create_model(name).pretrained_cfg.get('classifier', 'head')
     head = state.get(f'{classifier}.weight')
     model = timm.create_model(name, num_classes=head.shape[0] if head is not None else 1000)
-    _load(model, state, weights)
+    load_weights(model, state, f'the teacher\'s weights {weights}', type(model).__name__)
     return model
-
-
-def _load(model: nn.Module, state: dict, source: str) -> None:
-    problem = state_dict_mismatch(model.state_dict(), state)
-    if problem:
-        raise CheckpointError(f'the teacher\'s weights {source} do not fit {type(model).__name__}: {problem}')
-    model.load_state_dict(state)
 
 
 def fingerprint(model: nn.Module) -> str:

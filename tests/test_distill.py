@@ -165,7 +165,7 @@ def test_teachers_that_cannot_serve_are_named_in_one_line(tmp_path):
         build_teacher('resnet_9000')
     with pytest.raises(CheckpointError, match='no config.json there'):
         build_teacher(f'local-dir:{tmp_path}')
-    with pytest.raises(CheckpointError, match='do not fit ResNet: missing: .*unexpected'):  # a named teacher with another model's weights
+    with pytest.raises(CheckpointError, match='does not fit ResNet: missing: .*unexpected'):  # a named teacher with another model's weights
         build_teacher('resnet18', str(bare))
     with pytest.raises(ConfigError, match='DISTILL.TYPE soft needs DISTILL.TEACHER'):
         parse_command_line('test', argv=['--opts', 'DISTILL.TYPE', 'soft'])

@@ -23,10 +23,10 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from . import cpu, toolchain
 from .build import build_directory
+from .trusted import write_replacing
 
 logger = logging.getLogger('kernels.dwconv')
 
@@ -226,15 +227,9 @@ class Tuner:
                 if key in decisions:
                     return decisions[key]['ours']
                 decisions[key] = entry
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix='.autotune-')
-                try:
-                    with os.fdopen(fd, 'w') as f:
-                        json.dump({'identity': identity(self.device), 'decisions': decisions}, f, indent=1,
-                                  sort_keys=True)
-                    os.replace(tmp, self.path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.remove(tmp)
+                content = json.dumps({'identity': identity(self.device), 'decisions': decisions}, indent=1,
+                                     sort_keys=True)
+                write_replacing(self.path, lambda tmp: Path(tmp).write_text(content))
         except OSError as error:
             logger.warning(f'cannot keep depthwise-conv tuning decisions in {self.path} ({error}); a later run, a '
                            'resumed one included, may choose other kernels')

@@ -17,13 +17,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .trusted import check_private, private_folder
+from .trusted import check_private, private_folder, write_replacing
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'dwconv_cpu.cpp')
 LIBRARY_NAME = 'libfat_dwconv_cpu.so'
@@ -54,18 +53,13 @@ def library_path(build_root: str, compiler: str) -> str:
 
 
 def _build(path: str, compiler: str) -> None:
-    """Compile into a temporary file beside ``path`` and rename it into place (atomic, so processes
-    building at the same time never load a half-written library)."""
-    fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
-    os.close(fd)
-    try:
+    """Compile into a temporary file beside ``path`` and rename it into place (processes building at
+    the same time never load a half-written library)."""
+    def compile_to(tmp: str) -> None:
         result = subprocess.run([compiler, *COMPILE_FLAGS, SOURCE, '-o', tmp], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(' | '.join((result.stderr.strip().splitlines() or ['no output'])[:3]))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_replacing(path, compile_to)
 
 
 def build_library(build_root: str):

@@ -1,9 +1,12 @@
 """Where compiled code may be loaded from: only folders and files of this user that nobody else can
-write (a shared FAT_KERNELS_BUILD_DIR could otherwise hold anybody's library)."""
+write (a shared FAT_KERNELS_BUILD_DIR could otherwise hold anybody's library); and how the files of
+that folder are written (whole, or not at all)."""
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
+from typing import Callable
 
 
 def check_private(path: str) -> None:
@@ -25,3 +28,17 @@ def private_folder(path: str) -> str:
     os.makedirs(path, mode=0o755, exist_ok=True)
     check_private(path)
     return path
+
+
+def write_replacing(path: str, make: Callable[[str], None]) -> None:
+    """``make(temporary path)`` writes a new file beside ``path``, which is then renamed over it: a
+    crash, or processes writing at once, never leave a half-written file at ``path``. (The project's
+    own files use ``utils.write_atomically``; this package imports nothing from the project.)"""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix=f'.{os.path.basename(path)}-')
+    os.close(fd)
+    try:
+        make(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
