@@ -1,7 +1,7 @@
 """Runs the engine's multi-process paths under torchrun with a view that differs per process, as
 nodes of a cluster see different things. Used by test_dependability.py:
 
-    torchrun --nproc_per_node 2 tests/engine_driver.py SCENARIO BASE_DIR DATA_DIR
+    PYTHONPATH=. torchrun --nproc_per_node 2 tests/engine_driver.py SCENARIO BASE_DIR DATA_DIR
 
 Every process prints one line ``rank R: ...`` with what it ended with.
 
@@ -26,18 +26,14 @@ import os
 import sys
 import time
 from argparse import Namespace
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import engine  # noqa: E402
-from config import get_config  # noqa: E402
-from main import Classification  # noqa: E402
-import utils  # noqa: E402
-from utils import ReportedError, StopSignal, note_progress, run_entry_point  # noqa: E402
+import engine
+from config import get_config
+from main import Classification
+import utils
+from utils import ReportedError, StopSignal, note_progress, run_entry_point
 
 TINY_OPTS = ['MODEL.FAT.EMBED_DIMS', '[8, 16, 16, 16]', 'MODEL.FAT.DEPTHS', '[1, 1, 1, 1]',
              'MODEL.FAT.NUM_HEADS', '[1, 1, 1, 1]', 'DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0',

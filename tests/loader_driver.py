@@ -2,23 +2,19 @@
 share through ``data.build_loader`` and prints the sorted sample fingerprints (a hash of the decoded
 pixels) with their labels, gathered on rank 0, as one JSON line. Used by test_shards.py:
 
-    torchrun --nproc_per_node 2 tests/loader_driver.py DATA_PATH BATCH_SIZE [KEY VALUE ...]
+    PYTHONPATH=. torchrun --nproc_per_node 2 tests/loader_driver.py DATA_PATH BATCH_SIZE [KEY VALUE ...]
 """
 import hashlib
 import json
 import sys
 from argparse import Namespace
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from config import get_config  # noqa: E402
-from data import build_loader  # noqa: E402
-from utils import gather_objects, init_distributed  # noqa: E402
+from config import get_config
+from data import build_loader
+from utils import gather_objects, init_distributed
 
 
 def fingerprint(image) -> int:

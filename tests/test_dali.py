@@ -18,15 +18,14 @@ from PIL import Image
 
 pytest.importorskip('nvidia.dali')
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from wds2idx import IndexCreator  # noqa: E402  (DALI's index tool, installed with DALI)
 
 import data.dali as dali  # noqa: E402
 from config import get_config  # noqa: E402
 from data.build import build_transform  # noqa: E402
 from data.dali import FolderSplit, ShardSplit, build_dali_loaders  # noqa: E402
+from helpers import (EXACT_OPTS, ROOT, assert_same_weights, last_checkpoint, make_image_folder, run_main,  # noqa: E402
+                     start_main, train_args, wait_for_log)
 from utils import DataError  # noqa: E402
 
 BATCH = 4
@@ -372,7 +371,6 @@ def test_broken_shards_name_the_shard(tmp_path, damage):
 def main_data(tmp_path_factory):
     """test_dependability's folder (3 classes, 24 training images) and its shards."""
     from data.shards import convert
-    from test_training import make_image_folder
     folder = make_image_folder(tmp_path_factory.mktemp('main') / 'folder', classes=3, train_per_class=8,
                                val_per_class=3)
     convert(str(folder), str(folder.parent / 'shards'), shard_mb=0.01, log=lambda line: None)
@@ -380,7 +378,6 @@ def main_data(tmp_path_factory):
 
 
 def test_main_with_dali_on_two_processes_trains_and_evaluates_every_image_once(main_data, tmp_path):
-    from test_training import run_main, train_args
     proc = run_main(*train_args(main_data[1], tmp_path, 'DATA.LOADER', 'dali', 'TRAIN.EPOCHS', '2'), nproc=2)
     # 24 images, 2 processes, batch 4: 3 batches each per epoch; the 9 validation images once in all.
     assert '[1/2][2/3]' in proc.stdout and 'Accuracy of the network on the 9 test images' in proc.stdout
@@ -389,8 +386,6 @@ def test_main_with_dali_on_two_processes_trains_and_evaluates_every_image_once(m
 def test_sigkill_with_dali_then_same_command_ends_bitwise_identical(main_data, tmp_path):
     # DALI's RandAugment, random erasing on the batch, Mixup/CutMix, drop path and EMA all on. Mutations
     # caught: the engine not saving the loader's state (the restart reads epoch 1 afresh, with a warning).
-    from test_dependability import EXACT_OPTS, assert_same_weights, last_checkpoint, start_main, wait_for_log
-    from test_training import run_main, train_args
     opts = [*EXACT_OPTS, 'DATA.LOADER', 'dali']
     run_main(*train_args(main_data[1], tmp_path / 'uninterrupted', *opts))
     args = train_args(main_data[1], tmp_path / 'killed', *opts)

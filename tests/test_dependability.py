@@ -15,16 +15,11 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import ROOT, TINY_OPTS, make_image_folder, run_main, train_args  # noqa: E402
 
-from utils import FolderLock  # noqa: E402
+from helpers import (EXACT_OPTS, ROOT, TINY_OPTS, assert_one_line_error, assert_same_weights, error_lines,
+                    last_checkpoint, make_image_folder, run_main, start_main, train_args, wait_for_log)
+from utils import FolderLock
 
-# Random augmentation (RandAugment, random erasing), Mixup/CutMix, drop path and EMA all on: an exact
-# resume must restore every random state and every sample's augmentation.
-EXACT_OPTS = ['TRAIN.EPOCHS', '3', 'PRINT_FREQ', '1', 'DATA.NUM_WORKERS', '1', 'AUG.AUTO_AUGMENT',
-              'rand-m9-mstd0.5-inc1', 'AUG.REPROB', '0.25', 'AUG.MIXUP', '0.8', 'AUG.CUTMIX', '1.0',
-              'MODEL.DROP_PATH_RATE', '0.1', 'MODEL.EMA.ENABLE', 'True', 'SAVE_FREQ', '1']
 # Two processes, two micro-batches per optimizer step, a log line every other micro-batch: the
 # combination whose stop request used to be checked never (log lines fell on non-update steps).
 ACCUMULATION_OPTS = ['TRAIN.EPOCHS', '2', 'TRAIN.ACCUMULATION_STEPS', '2', 'PRINT_FREQ', '2',
@@ -46,52 +41,6 @@ def data48(tmp_path_factory) -> Path:
 def uninterrupted(data, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp('uninterrupted')
     run_main(*train_args(data, out, *EXACT_OPTS))
-    return torch.load(out / 'fat_b0' / 'default' / 'ckpt_last.pth', weights_only=True)
-
-
-def start_main(*args, nproc: int = 1, threads: int = 1) -> subprocess.Popen:
-    """main.py in the background, in its own process group (a cluster signals the whole job)."""
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc)] if nproc > 1 \
-        else [sys.executable]
-    return subprocess.Popen(launcher + ['main.py', '--device', 'cpu', *map(str, args)], cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS=str(threads)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for_log(log: Path, text: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if log.exists() and text in log.read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f'main.py ended before logging {text!r}: {proc.communicate()}')
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f'{text!r} never appeared in {log}')
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a['epoch'] == b['epoch'] and a['step'] == b['step']
-    for key in a['model']:
-        assert torch.equal(a['model'][key], b['model'][key]), key
-    for key in a['ema'] or {}:
-        assert torch.equal(a['ema'][key], b['ema'][key]), key
-
-
-def error_lines(stderr: str) -> list:
-    return [line for line in stderr.splitlines() if line.startswith('error: ')]
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert 'Traceback' not in proc.stderr
-    errors = error_lines(proc.stderr)
-    assert len(errors) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
-def last_checkpoint(out: Path) -> dict:
     return torch.load(out / 'fat_b0' / 'default' / 'ckpt_last.pth', weights_only=True)
 
 
@@ -568,8 +517,8 @@ def driver(scenario: str, base: Path, data: Path) -> str:
 def run_driver(scenario: str, base: Path, data: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
                            str(ROOT / 'tests' / 'engine_driver.py'), scenario, str(base), str(data)],
-                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
-                          timeout=180)
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=180)
 
 
 def test_a_folder_one_node_cannot_write_stops_every_process_in_one_line_naming_it(data, tmp_path):

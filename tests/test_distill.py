@@ -6,25 +6,22 @@ import logging
 import re
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_dependability import (EXACT_OPTS, assert_one_line_error, assert_same_weights,  # noqa: E402
-                                last_checkpoint, start_main, wait_for_log)
-from test_training import TINY_OPTS, make_image_folder, run_main, train_args  # noqa: E402
 
-import engine  # noqa: E402
-import main  # noqa: E402
-from config import get_config, parse_command_line  # noqa: E402
-from data import build_loader, preprocessing  # noqa: E402
-from models.distill import Teacher, TeacherLogits, build_teacher  # noqa: E402
-from models.fat import FAT  # noqa: E402
-from utils import CheckpointError, ConfigError  # noqa: E402
+from helpers import (EXACT_OPTS, TINY_OPTS, assert_one_line_error, assert_same_weights, last_checkpoint,
+                    make_image_folder, run_main, start_main, train_args, wait_for_log)
+import engine
+import main
+from config import get_config, parse_command_line
+from data import build_loader, preprocessing
+from models.distill import Teacher, TeacherLogits, build_teacher
+from models.fat import FAT
+from utils import CheckpointError, ConfigError
 
 TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 

@@ -1,9 +1,7 @@
 """The engine's pieces that need no run: BatchNorm set-up and guard, config differences, threads."""
 import os
 import signal
-import sys
 from argparse import Namespace
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -11,14 +9,12 @@ import torch
 import torch.nn as nn
 from timm.layers import freeze_batch_norm_2d
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import engine  # noqa: E402
-from config import get_config  # noqa: E402
-from engine import checkpoints  # noqa: E402
-from main import Classification  # noqa: E402
-from utils import StopSignal, fit_cpu_threads  # noqa: E402
+import engine
+from config import get_config
+from engine import checkpoints
+from main import Classification
+from utils import StopSignal, fit_cpu_threads
 
 
 def net() -> nn.Module:

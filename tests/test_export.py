@@ -2,16 +2,14 @@
 PyTorch logits of the checkpoint they were given, at the config's size and a non-square one, and one
 `error:` line for each kind of bad input."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.fat import FAT  # noqa: E402
-from test_training import run_main  # noqa: E402
+from helpers import run_main
+from models.fat import FAT
 
 ARCH = dict(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), num_classes=7)
 OPTS = ['MODEL.FAT.EMBED_DIMS', '[8, 16, 16, 16]', 'MODEL.FAT.DEPTHS', '[1, 1, 1, 1]',

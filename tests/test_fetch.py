@@ -8,19 +8,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_dependability import assert_one_line_error  # noqa: E402
-from test_training import make_image_folder, run_main, train_args  # noqa: E402
 
-from data.shards import FetchFailed, ShardDataset, ShardSet, convert  # noqa: E402
-from utils import DataError  # noqa: E402
+from helpers import assert_one_line_error, make_image_folder, run_main, train_args
+from data.shards import FetchFailed, ShardDataset, ShardSet, convert
+from utils import DataError
 
 
 def raw(image):

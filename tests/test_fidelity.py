@@ -7,39 +7,13 @@ the authors' logits. The variants are built from our registry (``timm.create_mod
 table is what is checked, and the weights go through ``checkpoint_filter_fn`` as an authors' checkpoint
 does.
 """
-import json
-import math
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 
 import models
+from helpers import CASES, VECTORS, authors_state_dict
 from models.fat import FAT, checkpoint_filter_fn
-
-VECTORS = json.loads((Path(__file__).parent / 'data' / 'fat_seeded_vectors.json').read_text())
-CASES = {case['name']: case for case in VECTORS['cases']}
-
-
-def authors_state_dict(case: dict) -> dict:
-    """The weights the file's rule makes: one generator, the keys in the authors' order."""
-    g = torch.Generator().manual_seed(case['weight_seed'])
-    state = {}
-    for key, shape in case['keys']:
-        if key.endswith('num_batches_tracked'):
-            state[key] = torch.zeros(shape, dtype=torch.int64)
-        elif key.endswith('running_var'):
-            state[key] = 0.5 + torch.rand(shape, generator=g)
-        elif key.endswith('running_mean'):
-            state[key] = 0.1 * torch.randn(shape, generator=g)
-        elif len(shape) == 1 and key.endswith('weight'):
-            state[key] = 1 + 0.1 * torch.randn(shape, generator=g)
-        elif key.endswith('bias'):
-            state[key] = 0.1 * torch.randn(shape, generator=g)
-        else:
-            state[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-    return state
 
 
 def build(case: dict) -> FAT:
@@ -51,7 +25,8 @@ def build(case: dict) -> FAT:
 
 
 def test_the_rule_is_the_files():
-    """The weight rule above is the one the file states (a changed file must change this test)."""
+    """The weight rule of helpers.authors_state_dict is the one the file states (a changed file must
+    change this test)."""
     assert VECTORS['rule'].startswith("g = torch.Generator().manual_seed(weight_seed); for (key, shape) in keys")
     assert set(CASES) == {'fat_b0', 'fat_b1', 'fat_b2', 'fat_b3', 'small'}
 

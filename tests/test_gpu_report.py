@@ -11,17 +11,16 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 
+from helpers import ROOT
 import models
 from benchmarks import gpu_report
 from benchmarks.bench_dwconv import TOLERANCES
 
-ROOT = Path(__file__).resolve().parents[1]
 GPU = torch.cuda.is_available()
 PARTS = [p for p in gpu_report.PARTS if not (GPU and p in ('kernels', 'sanitizer'))]
 

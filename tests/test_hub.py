@@ -5,19 +5,16 @@ import json
 import logging
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_fidelity import CASES, authors_state_dict  # noqa: E402
-from test_training import TINY_OPTS, make_image_folder, run_main, train_args  # noqa: E402
 
-import main  # noqa: E402
-from models.fat import FAT  # noqa: E402
+from helpers import CASES, TINY_OPTS, authors_state_dict, make_image_folder, run_main, train_args
+import main
+from models.fat import FAT
 
 TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
 

@@ -16,14 +16,12 @@ import cv2
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_dependability import assert_one_line_error  # noqa: E402
-from test_training import ROOT, make_image_folder, run_main, train_args  # noqa: E402
 
-from config import get_config  # noqa: E402
-from data.build import ImageFolder, build_loader  # noqa: E402
-from data.shards import ShardDataset, ShardSet  # noqa: E402
-from utils import DataError, SampleError  # noqa: E402
+from helpers import ROOT, assert_one_line_error, make_image_folder, run_main, train_args
+from config import get_config
+from data.build import ImageFolder, build_loader
+from data.shards import ShardDataset, ShardSet
+from utils import DataError, SampleError
 
 
 def raw(image):
@@ -141,7 +139,7 @@ def test_an_epoch_over_two_processes_reads_every_sample_at_most_once_and_as_many
     def epoch(data: Path) -> dict:
         proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
                                'tests/loader_driver.py', str(data), '3'], cwd=ROOT, capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+                              env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT)), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 

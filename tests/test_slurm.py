@@ -7,6 +7,7 @@ PID. Without Slurm they skip; under CI (CI=true) that is a failure, so CI cannot
 import pytest
 import torch
 
+from helpers import ROOT, TINY_OPTS, make_image_folder, run_main
 import slurm
 
 
@@ -99,18 +100,17 @@ def test_the_node_address_is_slurms_and_falls_back_to_the_name(tmp_path, monkeyp
 
 # --- a real Slurm of two nodes on this machine -------------------------------------------------------
 
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 
-from test_training import ROOT, TINY_OPTS, make_image_folder, run_main  # noqa: E402
 
 DAEMONS = ('munge', 'munged', 'slurmctld', 'slurmd', 'sbatch', 'scontrol', 'srun', 'scancel')
 

@@ -1,6 +1,5 @@
 """Training, evaluation and throughput through main.py, the way users run it (CPU, tiny data)."""
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -8,59 +7,22 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
-import cv2
-import numpy as np
 import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from config import get_config, scaled_lrs  # noqa: E402
-from lr_scheduler import build_scheduler  # noqa: E402
-from models import build_model, checkpoint_filter_fn  # noqa: E402
-from optimizer import build_optimizer  # noqa: E402
-from utils import ConfigError, amp_dtype  # noqa: E402
+from helpers import ROOT, TINY_OPTS, make_image_folder, run_main, train_args
+from config import get_config, scaled_lrs
+from lr_scheduler import build_scheduler
+from models import build_model, checkpoint_filter_fn
+from optimizer import build_optimizer
+from utils import ConfigError, amp_dtype
 
 TESTDATA = ROOT.parent / 'shared' / 'testdata' / 'official-fat'
-TINY_OPTS = ['MODEL.FAT.EMBED_DIMS', '[8, 16, 16, 16]', 'MODEL.FAT.DEPTHS', '[1, 1, 1, 1]',
-             'MODEL.FAT.NUM_HEADS', '[1, 1, 1, 1]', 'DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0',
-             'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0', 'PRINT_FREQ', '2', 'AUG.AUTO_AUGMENT', 'none',
-             'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0', 'AUG.REPROB', '0.0']
-
-
-def make_image_folder(root: Path, classes: int, train_per_class: int, val_per_class: int, size: int = 40) -> Path:
-    rng = np.random.default_rng(0)
-    for split, count in (('train', train_per_class), ('val', val_per_class)):
-        for c in range(classes):
-            folder = root / split / f'class_{c}'
-            folder.mkdir(parents=True)
-            for i in range(count):
-                image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-                image[:, :, c % 3] += np.uint8(80 + 40 * (c // 3 % 4))  # classes differ in colour
-                cv2.imwrite(str(folder / f'{i}.png'), image)
-    return root
-
-
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp('data'), classes=3, train_per_class=8, val_per_class=3)
-
-
-def run_main(*args, nproc: int = 1, check: bool = True, threads: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc)] if nproc > 1 \
-        else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run(launcher + ['main.py', '--device', 'cpu', *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'main.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
-    return proc
-
-
-def train_args(data: Path, output: Path, *extra_opts: str, batch_size: int = 4):
-    return ['--data-path', data, '--output', output, '--batch-size', batch_size, '--opts', *TINY_OPTS, *extra_opts]
 
 
 def accuracy(stdout: str) -> float:
