@@ -209,11 +209,10 @@ def choose_kernels(model: nn.Module, input_shape: Tuple[int, ...], batch_size: i
     counts = ', '.join(f'{sum(conv.chosen[mode] for conv in seen)} of {len(seen)} for {name}'
                        for mode, name in (('train', 'training'), ('infer', 'inference')) if training or mode == 'infer')
     timed, untimed = after.timed - before.timed, after.untimed - before.untimed
-    return (f'depthwise convs (MODEL.DWCONV_IMPL auto) on {device}: ours in {counts}; {len(decisions[0])} case(s): '
-            f'{timed} timed now ({after.seconds - before.seconds:.1f} s), '
-            + (f'{untimed} left to the tables, ' if untimed else '')
-            + f'{len(decisions[0]) - timed - untimed} decided before'
-            + (f' (kept in {tuner.path})' if tuner.path else ''))
+    return (f'depthwise convs (MODEL.DWCONV_IMPL auto) on {device}: ours in {counts}; {len(decisions[0])} case(s), '
+            f'{timed} timed now ({after.seconds - before.seconds:.1f} s)'
+            + (f', {untimed} left to the tables' if untimed else '')
+            + (f'; decisions kept in {tuner.path}' if tuner.path else ''))
 
 
 def _record_inputs(entry: nn.Module, convs, input_shape, channels_last: bool, dtype: Optional[torch.dtype]) -> dict:

@@ -41,7 +41,7 @@ logger = logging.getLogger('kernels.dwconv')
 BUDGET_VARIABLE = 'FAT_DWCONV_TUNE_SECONDS'
 DEFAULT_BUDGET_SECONDS = 5.0
 CASE_SECONDS = 0.05  # timing of one case, once each ran untimed
-CPU_TIMING_VALUES = 2 ** 21
+CPU_TIMING_VALUES = 2 ** 18
 
 
 @dataclass(frozen=True)
