@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -25,19 +25,10 @@ _C.BASE = ['']  # yaml files this one builds on, relative to it
 _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128  # images per GPU (per process) per step
 _C.DATA.DATA_PATH = ''  # data root: an ImageFolder root (train/ and val/) or shards (index.json); a path or URL
-_C.DATA.FORMAT = 'auto'  # 'folder', 'shards' (written by python -m data.shards) or 'auto' (shards where index.json is)
-_C.DATA.LOADER = 'torch'  # 'torch' (DataLoader workers, PIL) or 'dali' (NVIDIA DALI: GPU decoding, CPU on --device cpu)
-_C.DATA.SHARD_CACHE = ''  # local folder for shards read from a URL or pipe: (default ~/.cache/fat/shards)
-_C.DATA.FETCH_RETRIES = 4  # a failed fetch of a remote file (5xx, reset, pipe: command failed) is tried again this often
-_C.DATA.FETCH_TIMEOUT = 900.0  # seconds one remote file may take in all; no data for 60 s (or this, if less) also fails
-_C.DATA.DATASET = 'imagenet'  # 'imagenet' (any ImageFolder) or 'digits' (made from scikit-learn when DATA_PATH is empty)
-_C.DATA.IMG_SIZE = 224  # training and test resolution
 _C.DATA.IN_CHANS = 3  # image channels fed to the model
-_C.DATA.INTERPOLATION = 'bicubic'  # resize interpolation: random, bilinear, bicubic
 _C.DATA.PIN_MEMORY = True  # page-locked host memory for faster host-to-GPU copies (CUDA runs only)
 _C.DATA.NUM_WORKERS = 8  # data-loading worker processes per training process
 _C.DATA.PREFETCH_FACTOR = 4  # batches each worker loads ahead
-_C.DATA.SKIP_CORRUPT = False  # replace unreadable images by the next readable one (and count them) instead of stopping
 
 # -----------------------------------------------------------------------------------------------
 # Model
@@ -48,9 +39,7 @@ _C.MODEL.NAME = 'fat_b0'  # run name: the output folder is OUTPUT/NAME/TAG
 _C.MODEL.PRETRAINED = ''  # weights to fine-tune from (this project's, the authors' or a bare state dict)
 _C.MODEL.RESUME = ''  # checkpoint to resume training from, or to evaluate with --eval
 _C.MODEL.NUM_CLASSES = 1000  # classifier outputs; follows the data set's class folders when they differ
-_C.MODEL.DROP_RATE = 0.0  # dropout before the classifier
 _C.MODEL.DROP_PATH_RATE = 0.05  # stochastic depth, linear from 0 over all blocks
-_C.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing when Mixup/CutMix are off
 _C.MODEL.DWCONV_IMPL = 'auto'  # depthwise convs: auto (our kernels where usable and faster), torch, cuda
 
 _C.MODEL.FAT = CN()  # overrides of the variant's architecture; an empty list keeps the variant's value
@@ -99,41 +88,6 @@ _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)  # AdamW betas
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9  # SGD momentum
 
 # -----------------------------------------------------------------------------------------------
-# Augmentation (timm)
-# -----------------------------------------------------------------------------------------------
-_C.AUG = CN()
-_C.AUG.COLOR_JITTER = 0.4  # colour jitter strength; 0 disables
-_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'  # RandAugment policy; 'none' disables
-_C.AUG.REPROB = 0.25  # random erasing probability
-_C.AUG.REMODE = 'pixel'  # random erasing fill
-_C.AUG.RECOUNT = 1  # random erasing count
-_C.AUG.SCALE = (0.08, 1.0)  # RandomResizedCrop area range
-_C.AUG.HFLIP = 0.5  # horizontal flip probability
-_C.AUG.MIXUP = 0.8  # Mixup alpha; 0 disables
-_C.AUG.CUTMIX = 1.0  # CutMix alpha; 0 disables
-_C.AUG.CUTMIX_MINMAX = None  # CutMix box ratio range (overrides alpha when set)
-_C.AUG.MIXUP_PROB = 1.0  # probability of applying Mixup or CutMix to a batch
-_C.AUG.MIXUP_SWITCH_PROB = 0.5  # probability of CutMix rather than Mixup when both are on
-_C.AUG.MIXUP_MODE = 'batch'  # batch, pair or elem
-
-# -----------------------------------------------------------------------------------------------
-# Knowledge distillation (DeiT's, from the logits of a frozen teacher)
-# -----------------------------------------------------------------------------------------------
-_C.DISTILL = CN()
-_C.DISTILL.TYPE = 'none'  # none (TEACHER unused), soft (KL divergence at temperature TAU) or hard (cross-entropy with its top class)
-_C.DISTILL.TEACHER = ''  # a timm model name, a local-dir:DIR / hf-hub:ORG/NAME folder, or a checkpoint of this project
-_C.DISTILL.TEACHER_WEIGHTS = ''  # weights file of a teacher named by timm name (else timm's own pretrained weights)
-_C.DISTILL.ALPHA = 0.5  # loss = (1 - ALPHA) x classification + ALPHA x distillation
-_C.DISTILL.TAU = 1.0  # soft distillation's temperature
-
-# -----------------------------------------------------------------------------------------------
-# Testing
-# -----------------------------------------------------------------------------------------------
-_C.TEST = CN()
-_C.TEST.CROP = True  # resize to IMG_SIZE / CROP_PCT, then centre-crop; else resize to IMG_SIZE
-_C.TEST.CROP_PCT = 0.875  # centre-crop ratio (224 / 256)
-
-# -----------------------------------------------------------------------------------------------
 # Run
 # -----------------------------------------------------------------------------------------------
 _C.DEVICE = ''  # cuda or cpu; empty picks cuda when available
@@ -141,7 +95,6 @@ _C.AMP_ENABLE = True  # mixed precision with torch.amp on CUDA (AMP_DTYPE); on C
 _C.AMP_DTYPE = 'bf16'  # CUDA autocast type: bf16 (no loss scaling) or fp16 (with GradScaler)
 _C.AMP_CPU = False  # with AMP_ENABLE, bf16 autocast on CPU too (off: slower than fp32 for FAT on the CPUs measured)
 _C.COMPILE = False  # torch.compile the model (--eval and --throughput's inference on CPU: with inductor's freezing)
-_C.REPARAM = False  # --eval and --throughput's inference run the deploy form: BatchNorms folded into convs
 _C.CHANNELS_LAST = False  # channels_last memory format for model and inputs
 _C.OUTPUT = 'output'  # root of run folders: OUTPUT/MODEL.NAME/TAG
 _C.TAG = 'default'  # run tag
@@ -151,34 +104,21 @@ _C.PRINT_FREQ = 10  # micro-batches between log lines
 _C.SEED = 0  # random seed (offset by rank)
 _C.DIST_TIMEOUT = 30.0  # minutes a collective waits for the slowest process before the run fails (process group)
 _C.EVAL_MODE = False  # only evaluate MODEL.RESUME
-_C.THROUGHPUT_MODE = False  # only measure training and inference throughput (synthetic batches, no data)
-_C.EXPORT = ''  # only write the model (MODEL.RESUME's weights, else fresh), checked: a .onnx or .pt2 file, or a
-# folder (no suffix) in the Hugging Face Hub form that timm loads (config.json, model.safetensors, README.md)
 
-# Keys that take one of a few words; checked after every merge so a typo is named before any work.
+
+# Keys that take one of a few words; checked after every merge so a typo is named before any work. A
+# task adds its own (``update_config``'s ``choices``).
 _CHOICES = {
     'DEVICE': ('', 'cuda', 'cpu'),
     'AMP_DTYPE': ('bf16', 'fp16'),
     'MODEL.DWCONV_IMPL': ('auto', 'torch', 'cuda'),
-    'DATA.DATASET': ('imagenet', 'digits'),
-    'DATA.FORMAT': ('auto', 'folder', 'shards'),
-    'DATA.LOADER': ('torch', 'dali'),
-    'DATA.INTERPOLATION': ('random', 'nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'poly', 'step', 'multistep'),
-    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
-    'DISTILL.TYPE': ('none', 'soft', 'hard'),
 }
-# Integer keys with a lower bound.
+# Integer keys with a lower bound (where the config has them).
 _MINIMA = {'DATA.BATCH_SIZE': 1, 'TRAIN.ACCUMULATION_STEPS': 1, 'PRINT_FREQ': 1, 'SAVE_FREQ': 0, 'SAVE_KEEP': 0,
            'TRAIN.EPOCHS': 1, 'TRAIN.MAX_NONFINITE_STEPS': 0, 'DATA.FETCH_RETRIES': 0, 'DATA.FETCH_TIMEOUT': 1,
            'DIST_TIMEOUT': 0.01}
-
-# Keys that only image classification (main.py) reads; detection and segmentation drop them.
-CLASSIFICATION_ONLY = ('AUG', 'TEST', 'DISTILL', 'MODEL.LABEL_SMOOTHING', 'MODEL.DROP_RATE', 'DATA.IMG_SIZE',
-                       'DATA.INTERPOLATION', 'DATA.SKIP_CORRUPT', 'DATA.FORMAT', 'DATA.LOADER',
-                       'DATA.SHARD_CACHE', 'DATA.FETCH_RETRIES', 'DATA.FETCH_TIMEOUT', 'THROUGHPUT_MODE', 'REPARAM', 'COMPILE',
-                       'CHANNELS_LAST', 'EXPORT')
 
 # Command-line flags: flag -> (config key, value set by the switch or None when the flag takes one, help).
 _FLAGS: Dict[str, Tuple[str, object, str]] = {
@@ -206,22 +146,17 @@ _FLAGS: Dict[str, Tuple[str, object, str]] = {
 }
 
 
-def default_config() -> CN:
-    """A mutable copy of the defaults, for entry points that extend them (detection/, segmentation/)."""
+def base_config() -> CN:
+    """A mutable copy of the keys every run has (the engine's: data loading, the model, training, the
+    run), for a task to add its own to."""
     config = _C.clone()
     config.defrost()
     return config
 
 
 def dense_defaults() -> CN:
-    """The defaults without the classification-only keys, plus the backbone's freezing."""
-    config = default_config()
-    for key in CLASSIFICATION_ONLY:
-        *parents, leaf = key.split('.')
-        node = config
-        for parent in parents:
-            node = node[parent]
-        del node[leaf]
+    """The base keys plus the backbone's freezing, for detection and segmentation to add theirs to."""
+    config = base_config()
     config.MODEL.BACKBONE = CN()
     config.MODEL.BACKBONE.FROZEN_STAGES = -1  # -1 trains all; 0 freezes the stem; k freezes the stem and stages 0..k-1
     config.MODEL.BACKBONE.FREEZE_BN = False  # freeze every backbone BatchNorm (statistics and affine)
@@ -302,7 +237,8 @@ def _merge_file(config: CN, path: str, choices: dict, including: Tuple[str, ...]
 def _yacs_message(error: Exception) -> str:
     message = error.args[0] if error.args else str(error)
     if 'Non-existent' in message:
-        return f'{message} (a misspelt key? every key is listed with its meaning in config.py)'
+        return (f'{message} (a misspelt key? every key is listed with its meaning in config.py and in the '
+                'task\'s config section: classification/config.py, detection/ or segmentation/train.py)')
     return message
 
 
@@ -322,9 +258,15 @@ def _check(config: CN, source: str, choices: dict) -> None:
                               'plain name (printable, no "/", not "." or "..")')
 
 
-def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] = None) -> None:
+def merge_file(config: CN, path: str, choices: Optional[dict] = None) -> None:
+    """Merge the yaml ``path`` (its BASE files first) into ``config``; ``choices`` as for ``update_config``."""
+    _merge_file(config, path, {**_CHOICES, **(choices or {})})
+
+
+def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] = None,
+                  check: Optional[Callable[[CN], None]] = None) -> None:
     """Apply the yaml file, then --opts, then the command-line flags; ``choices`` adds one-of-a-few-words
-    keys of the task to the project's."""
+    keys of the task to the project's, and ``check(config)`` the task's own checks (ConfigError)."""
     choices = {**_CHOICES, **(choices or {})}
     if getattr(args, 'cfg', None):
         _merge_file(config, args.cfg, choices)
@@ -346,40 +288,16 @@ def update_config(config: CN, args: argparse.Namespace, choices: Optional[dict] 
         except (KeyError, ValueError, AssertionError) as error:
             raise ConfigError(f'{flag}: {_yacs_message(error)}') from error
     _check(config, 'command line', choices)
-    if config.get('REPARAM') and not (config.EVAL_MODE or config.get('THROUGHPUT_MODE') or config.get('EXPORT')):
-        raise ConfigError('REPARAM (--reparam) folds the BatchNorms for --eval, --export or --throughput; '
-                          'a training run cannot use it')
-    _check_distillation(config)
+    if check is not None:
+        check(config)
     config.freeze()
 
 
-def _check_distillation(config: CN) -> None:
-    distill = config.get('DISTILL')
-    if distill is None:
-        return
-    if distill.TYPE != 'none' and not distill.TEACHER:
-        raise ConfigError(f'DISTILL.TYPE {distill.TYPE} needs DISTILL.TEACHER (a timm model name, local-dir:DIR, '
-                          'hf-hub:ORG/NAME or a checkpoint of this project)')
-    if not 0 <= distill.ALPHA <= 1 or distill.TAU <= 0:
-        raise ConfigError(f'DISTILL.ALPHA is {distill.ALPHA} and DISTILL.TAU {distill.TAU}: ALPHA lies in [0, 1] '
-                          'and TAU is positive')
-
-
-def recipe_defaults(variant: str) -> CN:
-    """The config a run of ``variant`` starts from: the defaults and ``configs/VARIANT_224.yaml``
-    when the project has one (what a model card's recipe is told against)."""
-    config = _C.clone()
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', f'{variant}_224.yaml')
-    if os.path.isfile(path):
-        _merge_file(config, path, _CHOICES)
-    return config
-
-
-def parse_command_line(description: str, defaults: Optional[CN] = None, choices: Optional[dict] = None,
-                       argv: Optional[Sequence[str]] = None) -> CN:
+def parse_command_line(description: str, defaults: CN, choices: Optional[dict] = None,
+                       check: Optional[Callable[[CN], None]] = None, argv: Optional[Sequence[str]] = None) -> CN:
     """The one command line of every entry point: ``--cfg``, ``--opts`` and the flags whose keys
-    ``defaults`` has, merged into a frozen copy of ``defaults`` (the project's when None)."""
-    config = (defaults if defaults is not None else _C).clone()
+    ``defaults`` has, merged into a frozen copy of ``defaults`` (and ``choices`` checked)."""
+    config = defaults.clone()
     parser = argparse.ArgumentParser(description)
     parser.add_argument('--cfg', type=str, metavar='FILE', help='config yaml')
     parser.add_argument('--opts', nargs='+', default=None, help='override config keys: KEY VALUE ...')
@@ -392,15 +310,7 @@ def parse_command_line(description: str, defaults: Optional[CN] = None, choices:
         else:
             parser.add_argument(flag, type=type(default), metavar=key.split('.')[-1], help=help_text)
     parser.add_argument('--debug', action='store_true', help='show full tracebacks for reported errors')
-    update_config(config, parser.parse_args(argv), choices)
-    return config
-
-
-def get_config(args: Optional[argparse.Namespace] = None) -> CN:
-    """The classification defaults merged with ``args`` (yaml, --opts, flags); a frozen copy."""
-    config = _C.clone()
-    if args is not None:
-        update_config(config, args)
+    update_config(config, parser.parse_args(argv), choices, check)
     return config
 
 

@@ -244,7 +244,7 @@ class Repeated:
 
 
 def _config(spec: dict, root: str, dali: bool, device: str):
-    from config import get_config
+    from classification import get_config
     opts = ['DATA.DATA_PATH', root, 'DATA.NUM_WORKERS', str(spec['workers']), 'DEVICE', device,
             'DATA.LOADER', 'dali' if dali else 'torch']
     if spec['batch_size']:

@@ -146,7 +146,7 @@ def build_model(task: Task) -> nn.Module:
 def to_device(model: nn.Module, session: Session) -> nn.Module:
     """``model`` on the run's device, in the channels_last memory format with CHANNELS_LAST."""
     model.to(session.device)
-    if session.config.get('CHANNELS_LAST'):
+    if session.config.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
     return model
 

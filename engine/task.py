@@ -73,6 +73,11 @@ class Task:
         DDP and ``torch.compile`` wrap it: the place to choose its kernels. May use the process group;
         nothing by default."""
 
+    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of images on the run's device, channels_last with CHANNELS_LAST (as the model is)."""
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.config.CHANNELS_LAST else images
+
     def loss(self, model: nn.Module, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(total loss, its parts) of one training batch; runs under the engine's autocast."""
         raise NotImplementedError

@@ -104,7 +104,7 @@ class Trainer:
         train_model = model
         if session.world_size > 1:
             train_model = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == 'cuda' else None)
-        self.train_model = torch.compile(train_model) if config.get('COMPILE') else train_model
+        self.train_model = torch.compile(train_model) if config.COMPILE else train_model
         self.bn_guard = BatchNormGuard(model) if config.TRAIN.MAX_NONFINITE_STEPS > 0 else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_norm = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else float('inf')

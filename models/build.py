@@ -76,4 +76,4 @@ def choose_run_kernels(config, model: nn.Module, image_size: Tuple[int, int], en
     device = next(model.parameters()).device
     return choose_kernels(model, (config.DATA.IN_CHANS, *image_size), config.DATA.BATCH_SIZE,
                           training=not config.EVAL_MODE, dtype=amp_dtype(config, device),
-                          channels_last=bool(config.get('CHANNELS_LAST')), entry=entry)
+                          channels_last=config.CHANNELS_LAST, entry=entry)

@@ -76,7 +76,7 @@ class SegmentationTask(engine.Task):
             self.logger.info(line)
 
     def loss(self, model: nn.Module, batch):
-        images, masks = (t.to(self.device, non_blocking=True) for t in batch)
+        images, masks = self.images_to_device(batch[0]), batch[1].to(self.device, non_blocking=True)
         logits = model(images).float()
         cross_entropy = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
         if self.dice is None:
@@ -90,7 +90,7 @@ class SegmentationTask(engine.Task):
         num_classes = self.config.MODEL.NUM_CLASSES
         confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=self.device)
         for images, masks in loader:
-            images, masks = images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
+            images, masks = self.images_to_device(images), masks.to(self.device, non_blocking=True)
             logits = model(pad_to_multiple(images))[..., :images.shape[-2], :images.shape[-1]].float()
             logits = F.interpolate(logits, size=masks.shape[-2:], mode='bilinear', align_corners=False)
             confusion += confusion_matrix(logits.argmax(1), masks, num_classes)

@@ -30,8 +30,8 @@ from argparse import Namespace
 import torch
 
 import engine
-from config import get_config
-from main import Classification
+from classification import get_config
+from classification import Classification
 import utils
 from utils import ReportedError, StopSignal, note_progress, run_entry_point
 

@@ -12,7 +12,7 @@ from argparse import Namespace
 import numpy as np
 import torch
 
-from config import get_config
+from classification import get_config
 from data import build_loader
 from utils import gather_objects, init_distributed
 

@@ -21,7 +21,7 @@ pytest.importorskip('nvidia.dali')
 from wds2idx import IndexCreator  # noqa: E402  (DALI's index tool, installed with DALI)
 
 import data.dali as dali  # noqa: E402
-from config import get_config  # noqa: E402
+from classification import get_config  # noqa: E402
 from data.build import build_transform  # noqa: E402
 from data.dali import FolderSplit, ShardSplit, build_dali_loaders  # noqa: E402
 from helpers import (EXACT_OPTS, ROOT, assert_same_weights, last_checkpoint, make_image_folder, run_main,  # noqa: E402
@@ -305,7 +305,7 @@ for name in [m for m in sys.modules if m.startswith('nvidia.dali')] + ['nvidia.d
     sys.modules[name] = None
 sys.path.insert(0, {str(ROOT)!r})
 import argparse
-from config import get_config
+from classification import get_config
 from data.dali import FolderSplit, build_dali_loaders
 from utils import UserInputError
 split = FolderSplit([('x.jpg', 0)], ['a'])

@@ -1,7 +1,9 @@
 """FAT as a dense-prediction backbone: the backbone, torchvision detection, smp segmentation, and
 their shared entry point, on a tiny generated set of digit canvases (CPU)."""
+import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -22,7 +24,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 import engine
 import models
-from config import update_config
+from config import parse_command_line, update_config
 from data.digit_canvases import materialize_digit_canvases
 from detection.evaluate import evaluate_coco
 from detection.train import CHOICES as DET_CHOICES, DetectionTask, defaults as det_defaults
@@ -199,6 +201,42 @@ def test_one_detection_training_step_lowers_nothing_to_nan_and_moves_the_weights
     moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.startswith('backbone.backbone.body.stages') for k in moved)
     assert any('head' in k for k in moved)
+
+
+@pytest.mark.parametrize('entry, cfg, flags', [
+    ('detection', 'detection/configs/digits_retinanet_fat_b0.yaml', ['--channels-last']),
+    ('segmentation', 'segmentation/configs/digits_fpn_fat_b0.yaml', ['--compile', '--channels-last']),
+])
+def test_dense_tasks_train_compiled_and_channels_last_through_the_engine(entry, cfg, flags, canvases, tmp_path,
+                                                                          monkeypatch):
+    """--compile and --channels-last are the engine's, so every task's command line has them and the
+    engine applies them: the model it trains is compiled (dynamo traces the segmenter's step; here
+    with the eager backend, as inductor takes minutes on CPU) and in channels_last, and a training
+    epoch ends with finite metrics. (The detector's step, whose box counts change every batch, took
+    90 s to trace here; it trained compiled with inductor by hand, benchmarks/README.md.)"""
+    compiled = []
+    compile_eagerly = functools.partial(torch.compile, backend='eager')
+    monkeypatch.setattr(torch, 'compile', lambda model, **kw: compiled.append(model) or compile_eagerly(model, **kw))
+    defaults, choices, task_class = ((det_defaults(), DET_CHOICES, DetectionTask) if entry == 'detection' else
+                                     (seg_defaults(), SEG_CHOICES, SegmentationTask))
+    size = ['DET.MIN_SIZE', '64', 'DET.MAX_SIZE', '64'] if entry == 'detection' else ['DATA.CROP_SIZE', '64',
+                                                                                        'DATA.BASE_SIZE', '64']
+    config = parse_command_line('test', defaults, choices, argv=[
+        '--cfg', str(REPO / cfg), *flags, '--output', str(tmp_path), '--opts', 'DATA.DATA_PATH', str(canvases),
+        'DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE', '4', 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_STEPS', '1',
+        *TINY_FAT, *size])
+    assert config.COMPILE == ('--compile' in flags) and config.CHANNELS_LAST
+    placed = []
+
+    class Recording(task_class):
+        def on_device(self, model):
+            placed.append(model)
+            super().on_device(model)
+    metrics = engine.train_or_evaluate(task_of(Recording, config, tmp_path))
+    assert all(math.isfinite(value) for value in metrics.values()), metrics
+    assert [model for model in compiled] == placed[:len(compiled)] and len(compiled) == ('--compile' in flags)
+    weights = [p for p in placed[0].parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
 
 
 class _Oracle(torch.nn.Module):

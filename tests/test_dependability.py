@@ -131,7 +131,7 @@ def test_a_process_that_exits_with_a_loader_still_alive_ends_at_once(tmp_path):
 sys.path.insert(0, {str(ROOT)!r})
 from argparse import Namespace
 import torch
-from config import get_config
+from classification import get_config
 from data.build import build_train_loader
 config = get_config(Namespace(cfg=None, opts=['DATA.NUM_WORKERS', '2', 'DATA.BATCH_SIZE', '4']))
 loader = build_train_loader(torch.utils.data.TensorDataset(torch.zeros(64, 2)), config)
@@ -430,7 +430,7 @@ def expected_lr(epochs: int, steps_per_epoch: int, step: int, lr_scale: float) -
     """The LR after ``step`` optimizer steps of a fresh TINY_OPTS schedule of ``epochs`` epochs."""
     from argparse import Namespace
 
-    from config import get_config
+    from classification import get_config
     from lr_scheduler import build_scheduler
     config = get_config(Namespace(cfg=None, opts=[*TINY_OPTS, 'TRAIN.EPOCHS', str(epochs)]))
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=5e-4 * lr_scale)

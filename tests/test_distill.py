@@ -16,14 +16,21 @@ import torch.nn.functional as F
 from helpers import (EXACT_OPTS, TINY_OPTS, assert_one_line_error, assert_same_weights, last_checkpoint,
                     make_image_folder, run_main, start_main, train_args, wait_for_log)
 import engine
-import main
-from config import get_config, parse_command_line
+import classification
+from classification import get_config
+from classification.config import CLASSIFICATION_CHOICES, check_config, classification_defaults
+from config import parse_command_line
 from data import build_loader, preprocessing
 from models.distill import Teacher, TeacherLogits, build_teacher
 from models.fat import FAT
 from utils import CheckpointError, ConfigError
 
 TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+
+
+def command_line(argv):
+    """main.py's config from ``argv``, as its command line builds it."""
+    return parse_command_line('test', classification_defaults(), CLASSIFICATION_CHOICES, check_config, argv=argv)
 
 
 def write_teacher(path: Path, num_classes: int = 3, seed: int = 1, **extra) -> Path:
@@ -51,13 +58,13 @@ def teacher(tmp_path_factory) -> Path:
     return write_teacher(tmp_path_factory.mktemp('teacher') / 'teacher.pth')
 
 
-def task_with(teacher, kind: str, tmp_path: Path, *opts: str) -> 'main.Classification':
-    config = parse_command_line('test', argv=['--device', 'cpu', '--opts', *TINY_OPTS, 'MODEL.NUM_CLASSES', '3',
+def task_with(teacher, kind: str, tmp_path: Path, *opts: str) -> 'classification.Classification':
+    config = command_line(['--device', 'cpu', '--opts', *TINY_OPTS, 'MODEL.NUM_CLASSES', '3',
                                               'AUG.MIXUP', '0.8', 'AUG.CUTMIX', '1.0', 'DISTILL.TYPE', kind,
                                               'DISTILL.TEACHER', str(teacher), 'DISTILL.ALPHA', '0.3',
                                               'DISTILL.TAU', '2.0', *opts])
     session = engine.Session(config, 0, 1, torch.device('cpu'), str(tmp_path), logging.getLogger('test'))
-    task = main.Classification(session)
+    task = classification.Classification(session)
     task.build_teacher()
     task.build_loss(3)
     return task
@@ -142,7 +149,7 @@ def test_a_folders_classes_reach_the_teacher_check_before_its_images_are_listed(
     folder = make_image_folder(tmp_path / 'data', classes=3, train_per_class=2, val_per_class=1)
     for image in (folder / 'train' / 'class_2').iterdir():
         image.rename(image.with_suffix('.txt'))  # listing the images would fail: class_2 has none
-    config = parse_command_line('test', argv=['--device', 'cpu', '--data-path', str(folder)])
+    config = command_line(['--device', 'cpu', '--data-path', str(folder)])
     seen = []
 
     def refuse(classes):
@@ -165,7 +172,7 @@ def test_teachers_that_cannot_serve_are_named_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match='does not fit ResNet: missing: .*unexpected'):  # a named teacher with another model's weights
         build_teacher('resnet18', str(bare))
     with pytest.raises(ConfigError, match='DISTILL.TYPE soft needs DISTILL.TEACHER'):
-        parse_command_line('test', argv=['--opts', 'DISTILL.TYPE', 'soft'])
+        command_line(['--opts', 'DISTILL.TYPE', 'soft'])
     named = task_with(write_teacher(tmp_path / 'named.pth'), 'soft', tmp_path)
     named.check_teacher(['class_0', 'class_1', 'class_2'])
     with pytest.raises(ConfigError, match='knows other classes than the data: class_0, class_1, class_2 ... where '
@@ -220,7 +227,7 @@ def test_the_distillation_config_names_deits_teacher_at_the_students_input():
 
 
 def test_throughput_times_the_teachers_forward_in_every_training_step(tmp_path, teacher, caplog):
-    config = parse_command_line('test', argv=['--device', 'cpu', '--throughput', '--batch-size', '2', '--opts',
+    config = command_line(['--device', 'cpu', '--throughput', '--batch-size', '2', '--opts',
                                               *TINY_OPTS, 'MODEL.NUM_CLASSES', '3', 'DISTILL.TYPE', 'hard',
                                               'DISTILL.TEACHER', str(teacher)])
     logger = logging.getLogger('test_throughput')
@@ -230,7 +237,7 @@ def test_throughput_times_the_teachers_forward_in_every_training_step(tmp_path, 
         lambda module, args, out: calls.append(module.training) if isinstance(module, TeacherLogits) else None)
     try:
         with caplog.at_level(logging.INFO, logger='test_throughput'):
-            main.throughput(session)
+            classification.throughput(session)
     finally:
         hook.remove()
     training = next(r.message for r in caplog.records if r.message.startswith('training:'))

@@ -11,9 +11,9 @@ from timm.layers import freeze_batch_norm_2d
 
 
 import engine
-from config import get_config
+from classification import get_config
 from engine import checkpoints
-from main import Classification
+from classification import Classification
 from utils import StopSignal, fit_cpu_threads
 
 

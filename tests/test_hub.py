@@ -13,7 +13,7 @@ import torch
 
 
 from helpers import CASES, TINY_OPTS, authors_state_dict, make_image_folder, run_main, train_args
-import main
+from classification.task import load_pretrained
 from models.fat import FAT
 
 TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
@@ -114,7 +114,7 @@ def test_pretrained_reads_a_folder_and_reinitialises_a_classifier_of_another_siz
     weights = torch.load(checkpoint, weights_only=True)['model']
     model = FAT(**TINY, num_classes=7)
     head = model.head.weight.clone()
-    main.load_pretrained(model, f'local-dir:{folder}', logging.getLogger('test'))
+    load_pretrained(model, f'local-dir:{folder}', logging.getLogger('test'))
     state = model.state_dict()
     assert all(torch.equal(state[key], value) for key, value in weights.items() if not key.startswith('head.'))
     assert torch.equal(model.head.weight, head)  # 7 classes, not the folder's 3: left as initialised

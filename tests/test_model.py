@@ -216,7 +216,7 @@ def test_model_uses_plain_batchnorm():
 def test_build_model_from_config():
     from argparse import Namespace
 
-    from config import get_config
+    from classification import get_config
     config = get_config(Namespace(cfg=None, opts=['MODEL.VARIANT', 'fat_b0', 'MODEL.NUM_CLASSES', '10',
                                                   'MODEL.DWCONV_IMPL', 'torch']))
     model = models.build_model(config)

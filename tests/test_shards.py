@@ -18,7 +18,7 @@ import pytest
 
 
 from helpers import ROOT, assert_one_line_error, make_image_folder, run_main, train_args
-from config import get_config
+from classification import get_config
 from data.build import ImageFolder, build_loader
 from data.shards import ShardDataset, ShardSet
 from utils import DataError, SampleError
