@@ -66,9 +66,9 @@ def train_throughput(task: Classification, model: nn.Module) -> float:
     warmup, min_steps, min_seconds = (10, 10, 5.0) if device.type == 'cuda' else (2, 3, 3.0)
     for _ in range(warmup):
         optimizer_step()
-    trained_before = trainer.progress.step
+    trained_before = trainer.progress.micro_batches
     steps, seconds = timed(optimizer_step, device, min_steps, min_seconds)
-    images = (trainer.progress.step - trained_before) * batch_size  # the micro-batches the trainer stepped over
+    images = (trainer.progress.micro_batches - trained_before) * batch_size  # the micro-batches the trainer stepped over
     rate = images / seconds
     peak = memory_used_mb(device) - resident_before
     precision = amp_dtype(config, device)

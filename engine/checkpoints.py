@@ -13,7 +13,7 @@ import hashlib
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -24,9 +24,56 @@ import utils
 from utils import (CHECKPOINT_BEST, CHECKPOINT_LAST, CheckpointError, atomic_save, checkpoint_files,
                    agree, epoch_checkpoint_name, epoch_of_checkpoint_name, load_checkpoint_file)
 
-# What a training checkpoint holds beyond the weights; a file without them cannot be resumed.
-CHECKPOINT_KEYS = ('model', 'optimizer', 'optimizer_params', 'scaler', 'epoch', 'step', 'steps_per_epoch',
-                   'samples_per_step', 'best_metric', 'nonfinite_steps', 'rng', 'config', 'identity')
+# The layout of the training checkpoints this code writes; it reads those up to it. 0: the checkpoints
+# written before the layout was numbered (the same entries as 1, without ``format``).
+FORMAT_VERSION = 1
+
+
+@dataclass
+class RunState:
+    """What a training checkpoint holds: plain data only, so that it loads with
+    ``torch.load(..., weights_only=True)``. The entries without a default make a checkpoint resumable
+    (``CHECKPOINT_KEYS``); those with one were added later and take it when missing."""
+    model: dict
+    optimizer: dict
+    optimizer_params: List[str]  # the parameter name of each optimizer index
+    scaler: dict
+    epoch: int  # the epoch in progress (or just finished)
+    step: int  # micro-batches of it done
+    steps_per_epoch: int  # micro-batches per epoch
+    samples_per_step: int  # images per micro-batch over all processes
+    best_metric: float
+    nonfinite_steps: int
+    rng: list  # each process's random states, by rank
+    config: str  # the run's config (yaml)
+    identity: dict  # what the run trains: architecture, data and the task's entries
+    ema: Optional[dict] = None
+    metrics: Dict[str, float] = field(default_factory=dict)  # the last evaluation
+    first_nonfinite: int = -1
+    loader: Optional[list] = None  # each process's data-loader position, for loaders that keep one
+    saves: int = 0  # checkpoints written by the run so far
+    format: int = 0
+
+    def to_dict(self) -> dict:
+        """The checkpoint's entries (no copies of the tensors)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_ENTRIES = {f.name for f in fields(RunState)}
+# What a training checkpoint must hold to be resumed.
+CHECKPOINT_KEYS = tuple(f.name for f in fields(RunState) if f.default is MISSING and f.default_factory is MISSING)
+
+
+def format_problem(checkpoint: dict) -> Optional[str]:
+    """Why this code cannot resume ``checkpoint`` (a mapping read from a file), or None."""
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        return f'not a training checkpoint of this project (no {", ".join(missing)})'
+    version = checkpoint.get('format', 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        return (f'written by a newer version of this project (checkpoint format {version!r}; this one reads up to '
+                f'{FORMAT_VERSION}): update the code to resume it')
+    return None
 # The engine's keys that say how a run is launched, not what it trains: never reported as changed on
 # resume (a task adds its own: ``Task.launch_keys``).
 LAUNCH_KEYS = ('MODEL.RESUME', 'EVAL_MODE', 'OUTPUT', 'DATA.DATA_PATH', 'DATA.NUM_WORKERS', 'DATA.PREFETCH_FACTOR',
@@ -125,9 +172,9 @@ def survey(out_dir: str, identity: dict, config, keys: RunKeys) -> Survey:
         except CheckpointError as error:
             found.unusable.append((path, str(error)))
             continue
-        missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-        if missing:
-            found.unusable.append((path, f'not a training checkpoint of this project (no {", ".join(missing)})'))
+        problem = format_problem(checkpoint)
+        if problem:
+            found.unusable.append((path, problem))
             continue
         if checkpoint['identity'] != identity and not found.foreign:
             found.foreign = _foreign(out_dir, path, checkpoint, identity, config, keys)
@@ -220,7 +267,10 @@ def load_agreed(path: str) -> dict:
         raise CheckpointError(f'{path} holds no training state (missing {", ".join(missing)}; a bare state dict or '
                               f'the authors\' checkpoint?): to start training from its weights use --pretrained '
                               f'{path}, --resume continues a run of this project')
-    return checkpoint
+    problem = format_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f'{path}: {problem}')
+    return {**RunState(**{k: v for k, v in checkpoint.items() if k in _ENTRIES}).to_dict(), **checkpoint}
 
 
 def write(out_dir: str, state: dict, periodic: bool, is_best: bool, keep: int, logger: logging.Logger) -> None:

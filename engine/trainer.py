@@ -70,7 +70,7 @@ class BatchNormGuard:
 class Progress:
     """Where training stands: what a checkpoint records beyond the weights."""
     epoch: int = 0  # the epoch in progress (or just finished)
-    step: int = 0  # micro-batches of it done
+    micro_batches: int = 0  # micro-batches of it done (an optimizer step takes TRAIN.ACCUMULATION_STEPS)
     best_metric: float = -math.inf  # the best primary metric of the run so far
     metrics: Dict[str, float] = field(default_factory=dict)  # the last evaluation
     saves: int = 0  # checkpoints written so far (by this run and those it continues)
@@ -90,7 +90,7 @@ class Trainer:
             raise DataError(f'{len(data.train)} batches per epoch cannot fill one optimizer step of '
                             f'{self.accumulation} accumulated micro-batches: lower TRAIN.ACCUMULATION_STEPS')
         # Micro-batches trained per epoch: a remainder that would not fill an optimizer step is left out.
-        self.steps_per_epoch = self.updates_per_epoch * self.accumulation
+        self.micro_batches_per_epoch = self.updates_per_epoch * self.accumulation
         self.model = model = sync_batchnorm(model, self.device, session.world_size)
         base_lr, warmup_lr, min_lr = scaled_lrs(config, session.world_size)
         self.logger.info(f'LR scaled to the total batch: base {base_lr:.3e}, warm-up {warmup_lr:.3e}, '
@@ -137,9 +137,10 @@ class Trainer:
             while self.progress.epoch < config.TRAIN.EPOCHS:
                 if not self.train_one_epoch():
                     self.save(epoch_complete=False)
-                    self._preempted(f'at epoch {self.progress.epoch} step {self.progress.step}/{self.steps_per_epoch}')
+                    self._preempted(f'at epoch {self.progress.epoch} step {self.progress.micro_batches}/'
+                                    f'{self.micro_batches_per_epoch}')
                 self.evaluate_epoch()
-                self.progress.epoch, self.progress.step = self.progress.epoch + 1, 0
+                self.progress.epoch, self.progress.micro_batches = self.progress.epoch + 1, 0
                 if self.progress.epoch < config.TRAIN.EPOCHS and self.stop.requested():  # not once finished
                     self._preempted(f'after epoch {self.progress.epoch - 1}')
             self.logger.info(f'training time {datetime.timedelta(seconds=int(time.time() - start_time))}')
@@ -166,20 +167,20 @@ class Trainer:
                         f'{outcome}.', signum)
 
     def train_one_epoch(self) -> bool:
-        """Train from ``progress.step`` to the end of ``progress.epoch``; False when a stop signal
-        ended it early, at an optimizer-step boundary that ``progress.step`` records."""
+        """Train from ``progress.micro_batches`` to the end of ``progress.epoch``; False when a stop signal
+        ended it early, at an optimizer-step boundary that ``progress.micro_batches`` records."""
         config, progress, model = self.config, self.progress, self.train_model
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        self.data.train.sampler.set_epoch(progress.epoch, skip=progress.step * config.DATA.BATCH_SIZE)
+        self.data.train.sampler.set_epoch(progress.epoch, skip=progress.micro_batches * config.DATA.BATCH_SIZE)
         batch_time, data_time = AverageMeter(), AverageMeter()
         # Running sums stay on the device; they are read (one sync) only at the print interval.
         sums: Dict[str, torch.Tensor] = {}
         norm_sum = torch.zeros((), device=self.device)
         count = norm_count = 0
         start = end = time.time()
-        for idx, batch in enumerate(self.data.train, start=progress.step):
-            if idx >= self.steps_per_epoch:
+        for idx, batch in enumerate(self.data.train, start=progress.micro_batches):
+            if idx >= self.micro_batches_per_epoch:
                 break
             data_time.update(time.time() - end)
             loss, parts, grad_norm = self.train_step(idx, batch)
@@ -191,15 +192,15 @@ class Trainer:
                 norm_count += 1
             batch_time.update(time.time() - end)
             end = time.time()
-            if idx % config.PRINT_FREQ == 0 or idx == self.steps_per_epoch - 1:
+            if idx % config.PRINT_FREQ == 0 or idx == self.micro_batches_per_epoch - 1:
                 self._check_nonfinite()
                 self._log_step(idx, sums, count, norm_sum, norm_count, batch_time, data_time)
                 sums, count, norm_count = {}, 0, 0
                 norm_sum.zero_()
-            if grad_norm is not None and idx + 1 < self.steps_per_epoch and self.stop.requested():
+            if grad_norm is not None and idx + 1 < self.micro_batches_per_epoch and self.stop.requested():
                 return False
         self._check_nonfinite()
-        progress.step = self.steps_per_epoch
+        progress.micro_batches = self.micro_batches_per_epoch
         epoch_time = time.time() - start
         self.logger.info(f'EPOCH {progress.epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}')
         if self.writer is not None:
@@ -208,7 +209,7 @@ class Trainer:
 
     def _global_step(self) -> int:
         """Optimizer steps done so far in the run."""
-        return self.progress.epoch * self.updates_per_epoch + self.progress.step // self.accumulation
+        return self.progress.epoch * self.updates_per_epoch + self.progress.micro_batches // self.accumulation
 
     def train_step(self, idx: int, batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """Micro-batch ``idx`` of the epoch: the task's loss under autocast and the backward of its share
@@ -226,7 +227,7 @@ class Trainer:
         if not update:
             return loss, parts, None
         grad_norm = self._optimizer_step()
-        self.progress.step = idx + 1
+        self.progress.micro_batches = idx + 1
         return loss, parts, grad_norm
 
     def _optimizer_step(self) -> torch.Tensor:
@@ -269,14 +270,14 @@ class Trainer:
         grad_norm = (norm_sum / max(norm_count, 1)).item()
         lr = self.optimizer.param_groups[0]['lr']
         epoch = self.progress.epoch
-        eta = datetime.timedelta(seconds=int(batch_time.avg * (self.steps_per_epoch - idx - 1)))
+        eta = datetime.timedelta(seconds=int(batch_time.avg * (self.micro_batches_per_epoch - idx - 1)))
         self.logger.info(
-            f'Train: [{epoch}/{self.config.TRAIN.EPOCHS}][{idx}/{self.steps_per_epoch}]\teta {eta} lr {lr:.3e}\t'
+            f'Train: [{epoch}/{self.config.TRAIN.EPOCHS}][{idx}/{self.micro_batches_per_epoch}]\teta {eta} lr {lr:.3e}\t'
             f'time {batch_time.val:.4f} ({batch_time.avg:.4f})\tdata {data_time.val:.4f} ({data_time.avg:.4f})\t'
             + ' '.join(f'{name} {value:.4f}' for name, value in means.items())
             + f'\tgrad_norm {grad_norm:.4f}\tmem {memory_used_mb(self.device):.0f}MB')
         if self.writer is not None:
-            step = epoch * self.steps_per_epoch + idx
+            step = epoch * self.micro_batches_per_epoch + idx
             for name, value in {**means, 'lr': lr, 'grad_norm': grad_norm, 'data_time': data_time.avg}.items():
                 self.writer.add_scalar(f'train/{name}', value, step)
 
@@ -319,19 +320,18 @@ class Trainer:
         return [names[id(p)] for group in self.optimizer.param_groups for p in group['params']]
 
     def state_dict(self, rng_states: list, loader_states: Optional[list]) -> dict:
-        """Plain data only, so it loads with torch.load(..., weights_only=True)."""
+        """The run's state as a checkpoint holds it (``checkpoints.RunState``)."""
         progress = self.progress
-        return {
-            'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-            'optimizer_params': self._optimizer_params(), 'scaler': self.scaler.state_dict(),
-            'ema': self.ema.module.state_dict() if self.ema is not None else None,
-            'epoch': progress.epoch, 'step': progress.step, 'steps_per_epoch': self.steps_per_epoch,
-            'samples_per_step': self.config.DATA.BATCH_SIZE * self.session.world_size,
-            'best_metric': progress.best_metric, 'metrics': progress.metrics,
-            'nonfinite_steps': int(self.nonfinite_steps), 'first_nonfinite': int(self.first_nonfinite),
-            'rng': rng_states, 'loader': loader_states, 'config': self.config.dump(), 'identity': self.identity,
-            'saves': progress.saves,
-        }
+        return checkpoints.RunState(
+            model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+            optimizer_params=self._optimizer_params(), scaler=self.scaler.state_dict(),
+            epoch=progress.epoch, step=progress.micro_batches, steps_per_epoch=self.micro_batches_per_epoch,
+            samples_per_step=self.config.DATA.BATCH_SIZE * self.session.world_size,
+            best_metric=progress.best_metric, nonfinite_steps=int(self.nonfinite_steps), rng=rng_states,
+            config=self.config.dump(), identity=self.identity,
+            ema=self.ema.module.state_dict() if self.ema is not None else None, metrics=progress.metrics,
+            first_nonfinite=int(self.first_nonfinite), loader=loader_states, saves=progress.saves,
+            format=checkpoints.FORMAT_VERSION).to_dict()
 
     def save(self, epoch_complete: bool, is_best: bool = False) -> None:
         """Checkpoint the run: rank 0 writes, every process contributes its random state and waits for
@@ -340,7 +340,7 @@ class Trainer:
         finite = torch.tensor(int(all_finite(self.model.state_dict())), device=self.device)
         if not all_reduce(finite, 'min'):
             raise NonFiniteLossError(f'the weights or BatchNorm statistics are non-finite at epoch {progress.epoch} '
-                                     f'step {progress.step}; not saving them, the last good checkpoint in '
+                                     f'step {progress.micro_batches}; not saving them, the last good checkpoint in '
                                      f'{self.session.out_dir} is kept')
         rng_states = gather_objects(rng_state())
         # A loader that keeps its own position (DALI's readers) saves it per process; the engine's
@@ -398,8 +398,8 @@ class Trainer:
         self.progress.saves = broadcast_object(found.saves)
         if path:
             self.load_state_dict(checkpoints.load_agreed(path), path)
-        if self.progress.step >= self.steps_per_epoch:
-            self.progress.epoch, self.progress.step = self.progress.epoch + 1, 0
+        if self.progress.micro_batches >= self.micro_batches_per_epoch:
+            self.progress.epoch, self.progress.micro_batches = self.progress.epoch + 1, 0
         self.scheduler.step_update(self._global_step())
 
     def load_state_dict(self, checkpoint: dict, path: str) -> None:
@@ -415,18 +415,18 @@ class Trainer:
         if self.ema is not None:  # newly enabled: it starts from the resumed weights
             checkpoints.load_weights(self.ema.module, checkpoint['ema'] if checkpoint['ema'] is not None
                                      else self.model.state_dict(), f'{path} (its EMA weights)')
-        progress.epoch, progress.step = checkpoints.resume_position(
-            checkpoint, self.config.DATA.BATCH_SIZE * session.world_size, self.steps_per_epoch, self.accumulation,
+        progress.epoch, progress.micro_batches = checkpoints.resume_position(
+            checkpoint, self.config.DATA.BATCH_SIZE * session.world_size, self.micro_batches_per_epoch, self.accumulation,
             self.logger)
         progress.best_metric = max(progress.best_metric, checkpoint['best_metric'])
-        progress.saves = max(progress.saves, checkpoint.get('saves', 0))
-        progress.metrics = checkpoint.get('metrics', {})
+        progress.saves = max(progress.saves, checkpoint['saves'])
+        progress.metrics = checkpoint['metrics']
         self.nonfinite_steps.fill_(checkpoint['nonfinite_steps'])
         self.first_nonfinite.fill_(checkpoint['first_nonfinite'])
         if checkpoint['identity']['data'] != self.identity['data']:
             self.logger.warning(f'{path} was trained on other data ({self.identity["data"]} now); continuing as asked')
         if hasattr(self.data.train, 'load_state_dict'):
-            states = checkpoint.get('loader')
+            states = checkpoint['loader']
             if states is not None and len(states) == session.world_size:
                 self.data.train.load_state_dict(states[session.rank])
             else:
@@ -440,5 +440,5 @@ class Trainer:
         changes = checkpoints.config_changes(checkpoint['config'], self.config, self.run_keys.launch_keys)
         if changes:
             self.logger.info('the config differs from the checkpoint\'s; the current one applies: ' + '; '.join(changes))
-        self.logger.info(f'resumed from {path} (epoch {progress.epoch}, {progress.step} steps done, '
+        self.logger.info(f'resumed from {path} (epoch {progress.epoch}, {progress.micro_batches} steps done, '
                          f'best {self.task.primary_metric} {progress.best_metric:.4f})')

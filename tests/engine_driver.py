@@ -29,9 +29,8 @@ from argparse import Namespace
 
 import torch
 
+from classification import Classification, get_config
 import engine
-from classification import get_config
-from classification import Classification
 import utils
 from utils import ReportedError, StopSignal, note_progress, run_entry_point
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
 from kernels import dwconv
 from kernels.dwconv import Case, autotune
 from kernels.dwconv import build as dwconv_build
+import models
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device('cpu')

@@ -20,12 +20,12 @@ pytest.importorskip('nvidia.dali')
 
 from wds2idx import IndexCreator  # noqa: E402  (DALI's index tool, installed with DALI)
 
-import data.dali as dali  # noqa: E402
 from classification import get_config  # noqa: E402
 from data.build import build_transform  # noqa: E402
+import data.dali as dali  # noqa: E402
 from data.dali import FolderSplit, ShardSplit, build_dali_loaders  # noqa: E402
-from helpers import (EXACT_OPTS, ROOT, assert_same_weights, last_checkpoint, make_image_folder, run_main,  # noqa: E402
-                     start_main, train_args, wait_for_log)
+from helpers import (EXACT_OPTS, ROOT, assert_same_weights, last_checkpoint,  # noqa: E402
+                     make_image_folder, run_main, start_main, train_args, wait_for_log)
 from utils import DataError  # noqa: E402
 
 BATCH = 4

@@ -22,12 +22,12 @@ import torch
 from pycocotools.coco import COCO
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
-import engine
-import models
 from config import parse_command_line, update_config
 from data.digit_canvases import materialize_digit_canvases
 from detection.evaluate import evaluate_coco
 from detection.train import CHOICES as DET_CHOICES, DetectionTask, defaults as det_defaults
+import engine
+import models
 from models import FATBackbone
 from segmentation.data import (IGNORE_INDEX, SegmentationFolder, confusion_matrix, pad_to_multiple,
                                segmentation_metrics)

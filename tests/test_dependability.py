@@ -15,9 +15,9 @@ import pytest
 import torch
 import yaml
 
-
+from engine.checkpoints import FORMAT_VERSION
 from helpers import (EXACT_OPTS, ROOT, TINY_OPTS, assert_one_line_error, assert_same_weights, error_lines,
-                    last_checkpoint, make_image_folder, run_main, start_main, train_args, wait_for_log)
+                     last_checkpoint, make_image_folder, run_main, start_main, train_args, wait_for_log)
 from utils import FolderLock
 
 # Two processes, two micro-batches per optimizer step, a log line every other micro-batch: the
@@ -274,6 +274,27 @@ def test_ckpt_best_is_only_replaced_by_a_better_metric_than_the_run_has_seen(dat
 
 
 # --- nothing a user has is lost ------------------------------------------------------------------
+
+def test_checkpoints_of_a_newer_format_are_refused_and_older_ones_resume(data, tmp_path, one_epoch):
+    # Mutations caught: the format version not checked (a newer layout resumed as if it were this
+    # one's); a format required of the checkpoints written before it was numbered.
+    run_dir = copy_run(one_epoch, tmp_path)
+    files = sorted(run_dir.glob('ckpt_*.pth'))
+    for path in files:
+        state = torch.load(path, weights_only=True)
+        assert state['format'] == FORMAT_VERSION
+        torch.save({**state, 'format': FORMAT_VERSION + 1}, path)
+    refused = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '2'), check=False)
+    assert_one_line_error(refused, 'none can be resumed', f'checkpoint format {FORMAT_VERSION + 1}',
+                          'written by a newer version of this project')
+    for path in files:
+        state = torch.load(path, weights_only=True)
+        del state['format']  # as checkpoints were written before the layout was numbered
+        torch.save(state, path)
+    resumed = run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '2'))
+    assert 'resumed from' in resumed.stdout and 'ckpt_last.pth (epoch 0' in resumed.stdout
+    assert last_checkpoint(tmp_path)['format'] == FORMAT_VERSION and last_checkpoint(tmp_path)['epoch'] == 1
+
 
 def test_checkpoints_that_cannot_be_read_are_never_written_over(data, tmp_path, four_epochs):
     # Mutations caught: unreadable files passed over in silence (the run started afresh and wrote over

@@ -10,10 +10,10 @@ import torch.nn as nn
 from timm.layers import freeze_batch_norm_2d
 
 
-import engine
 from classification import get_config
-from engine import checkpoints
 from classification import Classification
+import engine
+from engine import checkpoints
 from utils import StopSignal, fit_cpu_threads
 
 

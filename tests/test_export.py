@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-
 from helpers import run_main
 from models.fat import FAT
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
-from helpers import assert_one_line_error, make_image_folder, run_main, train_args
 from data.shards import FetchFailed, ShardDataset, ShardSet, convert
+from helpers import assert_one_line_error, make_image_folder, run_main, train_args
 from utils import DataError
 
 

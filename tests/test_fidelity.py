@@ -11,8 +11,8 @@ import pytest
 import timm
 import torch
 
-import models
 from helpers import CASES, VECTORS, authors_state_dict
+import models
 from models.fat import FAT, checkpoint_filter_fn
 
 

@@ -16,10 +16,10 @@ import pytest
 import timm
 import torch
 
-from helpers import ROOT
-import models
 from benchmarks import gpu_report
 from benchmarks.bench_dwconv import TOLERANCES
+from helpers import ROOT
+import models
 
 GPU = torch.cuda.is_available()
 PARTS = [p for p in gpu_report.PARTS if not (GPU and p in ('kernels', 'sanitizer'))]

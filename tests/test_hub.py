@@ -11,9 +11,8 @@ import pytest
 import timm
 import torch
 
-
-from helpers import CASES, TINY_OPTS, authors_state_dict, make_image_folder, run_main, train_args
 from classification.task import load_pretrained
+from helpers import CASES, TINY_OPTS, authors_state_dict, make_image_folder, run_main, train_args
 from models.fat import FAT
 
 TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))

@@ -16,11 +16,10 @@ import cv2
 import numpy as np
 import pytest
 
-
-from helpers import ROOT, assert_one_line_error, make_image_folder, run_main, train_args
 from classification import get_config
 from data.build import ImageFolder, build_loader
 from data.shards import ShardDataset, ShardSet
+from helpers import ROOT, assert_one_line_error, make_image_folder, run_main, train_args
 from utils import DataError, SampleError
 
 

@@ -11,10 +11,9 @@ import pytest
 import torch
 import yaml
 
-
-from helpers import ROOT, TINY_OPTS, make_image_folder, run_main, train_args
 from classification import get_config
 from config import scaled_lrs
+from helpers import ROOT, TINY_OPTS, make_image_folder, run_main, train_args
 from lr_scheduler import build_scheduler
 from models import build_model, checkpoint_filter_fn
 from optimizer import build_optimizer
