@@ -23,7 +23,7 @@ class Classification(engine.Task):
 
     primary_metric = 'acc1'
     identity_sections = ('MODEL.', 'DATA.', 'DISTILL.')
-    # Folders and their shards hold the same samples in the same order (data/shards.py).
+    # Folders and their shards hold the same samples in the same order (data/shards/).
     launch_keys = ('THROUGHPUT_MODE', 'DATA.FORMAT', 'DATA.SHARD_CACHE', 'DATA.FETCH_RETRIES', 'DATA.FETCH_TIMEOUT')
 
     def __init__(self, session: engine.Session):

@@ -1,5 +1,5 @@
 """Samplers, per-sample seeding and the one DataLoader builder that every task uses, plus the data of
-image classification: ImageFolders or their shards (data/shards.py), timm transforms, Mixup/CutMix,
+image classification: ImageFolders or their shards (data/shards/), timm transforms, Mixup/CutMix,
 and the choice of loader (PyTorch's, or NVIDIA DALI's in data/dali.py)."""
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from torchvision.datasets.folder import find_classes
 from utils import STOP_SIGNALS, DataError, SampleError, rank_world
 
 from .digits import materialize_digits
-from .shards import (UNREADABLE_IMAGE, ShardDataset, ShardSet, SkippingReader, check_same_classes, is_remote,
+from .fetch import is_remote
+from .shards import (UNREADABLE_IMAGE, ShardDataset, ShardSet, SkippingReader, check_same_classes,
                      is_shard_location)
 
 

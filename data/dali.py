@@ -226,7 +226,7 @@ def _reader(split, rank: int, world: int, training: bool, seed: int):
     (``shuffle_after_epoch`` seeded with SEED, the same on every process) and each process reads its
     contiguous part of it. The shard reader visits the tars in a new order every epoch (same seed)
     and shuffles samples within a buffer of 1024 (``random_shuffle``): shards hold their samples in
-    a shuffled order (data/shards.py writes them so). Every epoch each process's share is padded
+    a shuffled order (data/shards/convert.py writes them so). Every epoch each process's share is padded
     with repeats to the same number of batches (``pad_last_batch``); the loader never yields them.
     Evaluation: each process reads its fixed contiguous share in order."""
     from nvidia.dali import fn

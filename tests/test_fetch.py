@@ -1,4 +1,4 @@
-"""Remote shard locations (data/fetch.py, data/shards.py): an index is data, not commands or paths;
+"""Remote shard locations (data/fetch.py, data/shards/): an index is data, not commands or paths;
 the cache is written safely; fetching survives ordinary failures and says what is wrong in one line.
 
 Each test names, in a comment, the change of the code it was seen to catch."""

@@ -1,4 +1,4 @@
-"""Shards (data/shards.py): conversion, map-style reading by the ImageFolder's positions, remote
+"""Shards (data/shards/): conversion, map-style reading by the ImageFolder's positions, remote
 locations, exact epochs across 2 processes, and every bad input as one line."""
 import hashlib
 import json
