@@ -11,7 +11,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import engine
 from data import build_loader, build_mixup, preprocessing
 from models import (build_model, check_architecture, checkpoint_filter_fn, choose_kernels, choose_run_kernels,
-                    count_macs)
+                    count_macs, kernel_decisions)
 from models.distill import Teacher, TeacherLogits, build_teacher, distillation_loss
 from models.hub import read_weights
 from utils import ConfigError, all_reduce, amp_dtype, load_weights
@@ -120,7 +120,8 @@ class Classification(engine.Task):
         if self.teacher_logits is not None:
             lines.append(choose_kernels(self.teacher_logits, (config.DATA.IN_CHANS, *size), config.DATA.BATCH_SIZE,
                                         training=False, dtype=amp_dtype(config, self.device),
-                                        channels_last=config.CHANNELS_LAST, entry=self.teacher_logits.model))
+                                        channels_last=config.CHANNELS_LAST, entry=self.teacher_logits.model,
+                                        decisions=kernel_decisions(config)))
             if config.COMPILE:
                 self.teacher_logits = torch.compile(self.teacher_logits)
         for line in filter(None, lines):

@@ -39,7 +39,9 @@ def throughput(session: engine.Session) -> None:
     task.on_device(engine.to_device(model, session))
     train_throughput(task, model)
     fresh = engine.to_device(fresh, session)
-    session.logger.info(choose_run_kernels(session.config, fresh, (session.config.DATA.IMG_SIZE,) * 2))
+    line = choose_run_kernels(session.config, fresh, (session.config.DATA.IMG_SIZE,) * 2)
+    if line:
+        session.logger.info(line)
     infer_throughput(task, fresh)
 
 

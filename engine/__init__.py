@@ -174,7 +174,7 @@ def train_or_evaluate(task: Task) -> Dict[str, float]:
     return metrics
 
 
-def main(task_class: Callable[[Session], Task], description: str, defaults=None, choices: Optional[dict] = None) -> None:
+def main(task_class: Callable[[Session], Task], description: str, defaults, choices: Optional[dict] = None) -> None:
     """A task's command-line entry point: parse, start, then train or evaluate (errors and stop
     signals as ``utils.run_entry_point``)."""
     run_entry_point(lambda: train_or_evaluate(task_class(start(parse_command_line(description, defaults, choices)))))

@@ -5,12 +5,14 @@ table ``MODEL_ARGS`` in ``fat.py``); a non-empty ``MODEL.FAT.*`` list overrides 
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple
 
 import timm
 import torch
 import torch.nn as nn
 
+from config import output_dir
 from utils import amp_dtype
 
 from .backbone import FATBackbone
@@ -69,11 +71,21 @@ def check_architecture(config) -> None:
         raise ValueError(f'MODEL: {error}') from error
 
 
+def kernel_decisions(config) -> Optional[str]:
+    """Where a run keeps its depthwise-conv decisions: a training run in its own folder (``kernels/``
+    in OUTPUT/NAME/TAG, which every node shares), so that its resumes, on whichever node rank 0
+    lands, run the kernels it ran; --eval and --throughput in the kernel cache (None)."""
+    if config.EVAL_MODE or config.get('THROUGHPUT_MODE'):
+        return None
+    return os.path.join(output_dir(config), 'kernels')
+
+
 def choose_run_kernels(config, model: nn.Module, image_size: Tuple[int, int], entry: Optional[nn.Module] = None) -> str:
     """``models.dwconv.choose_kernels`` for a run of ``config``: its DATA.BATCH_SIZE images of
-    ``image_size`` (H, W) through ``entry`` (default ``model``), its autocast type and memory format;
-    for training unless EVAL_MODE. The log line it returns ('' when nothing was chosen)."""
+    ``image_size`` (H, W) through ``entry`` (default ``model``), its autocast type and memory format,
+    for training unless EVAL_MODE, decisions kept where ``kernel_decisions`` says. The log line it
+    returns ('' when nothing was chosen)."""
     device = next(model.parameters()).device
     return choose_kernels(model, (config.DATA.IN_CHANS, *image_size), config.DATA.BATCH_SIZE,
                           training=not config.EVAL_MODE, dtype=amp_dtype(config, device),
-                          channels_last=config.CHANNELS_LAST, entry=entry)
+                          channels_last=config.CHANNELS_LAST, entry=entry, decisions=kernel_decisions(config))

@@ -11,7 +11,8 @@ step). Chosen by ``impl``:
   faster than PyTorch's for the conv's case (``kernels.dwconv.choose``: timed on the device at first
   use, remembered); PyTorch otherwise. :func:`choose_kernels` decides every conv of a model once it
   is on its device, the same on every process, and installs the choice on each (``chosen``); forward
-  passes only read it. Ours is the ``torch.ops.fat.depthwise_conv2d`` operator, so it stays in
+  passes only read it. A model used on its own decides each case at its first eager use; under
+  torch.compile or torch.export (whose shapes may be symbolic) it follows the measured tables. Ours is the ``torch.ops.fat.depthwise_conv2d`` operator, so it stays in
   ``torch.compile`` graphs.
 - ``'torch'``: always ``F.conv2d``.
 - ``'cuda'``: always our kernel on CUDA tensors, an error if it cannot be used; PyTorch on CPU.
@@ -50,18 +51,26 @@ def _extension_ready(device_type: str, index: Optional[int], kernel_size: int, s
 
 
 @torch.compiler.assume_constant_result
-def _extension_chosen(device_type: str, index: Optional[int], kernel_size: int, stride: int, dtype: torch.dtype,
-                      channels_last: bool, n: int, c: int, h: int, w: int, backward: bool) -> bool:
-    """'auto' for a conv that :func:`choose_kernels` did not decide (a model used on its own): timed
-    at the case's first use in a single process (``kernels.dwconv.choose``), the measured tables
-    where several processes run, so that they all run the same kernels. Constant for
-    ``torch.compile``: decided once, eagerly, while the graph is traced."""
+def _extension_preferred(device_type: str, index: Optional[int], kernel_size: int, stride: int, dtype: torch.dtype,
+                         channels_last: bool, backward: bool) -> bool:
+    """'auto' by the measured tables, for a conv that :func:`choose_kernels` did not decide when the
+    shape may be symbolic (torch.compile, torch.export). Constant for the traced graph."""
+    kernels = _kernels()
+    case = kernels and kernels.Case(kernel_size, stride, dtype, channels_last, (0, 0, 0, 0), backward)
+    return kernels is not None and kernels.choose(torch.device(device_type, index), case, measure=False)
+
+
+def _extension_chosen(device: torch.device, kernel_size: int, stride: int, dtype: torch.dtype, channels_last: bool,
+                      shape: Tuple[int, ...], backward: bool) -> bool:
+    """'auto' for a conv that :func:`choose_kernels` did not decide (a model used on its own), in eager
+    mode: as timed at the case's first use (``kernels.dwconv.choose``), or by the measured tables
+    where several processes run, so that they all run the same kernels."""
     kernels = _kernels()
     if kernels is None:
         return False
-    case = kernels.Case(kernel_size, stride, dtype, channels_last, (n, c, h, w), backward)
     several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return kernels.choose(torch.device(device_type, index), case, measure=not several)
+    case = kernels.Case(kernel_size, stride, dtype, channels_last, shape, backward)
+    return kernels.choose(device, case, measure=not several)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -136,9 +145,10 @@ class DepthwiseConv2d(nn.Conv2d):
         chosen = self.chosen.get('train' if backward else 'infer')
         if chosen is not None:
             return chosen
-        n, c, h, w = x.shape
-        return _extension_chosen(x.device.type, x.device.index, self.kernel_size[0], self.stride[0], dtype,
-                                 _is_channels_last(x), n, c, h, w, backward)
+        k, s, layout = self.kernel_size[0], self.stride[0], _is_channels_last(x)
+        if torch.compiler.is_compiling():  # the shape may be symbolic
+            return _extension_preferred(x.device.type, x.device.index, k, s, dtype, layout, backward)
+        return _extension_chosen(x.device, k, s, dtype, layout, tuple(x.shape), backward)
 
     def extra_repr(self) -> str:
         extra = f', impl={self.impl}' + ', gelu_input=True' * self.gelu_input + ', residual=True' * self.residual
@@ -169,7 +179,7 @@ def set_dwconv_impl(model: nn.Module, impl: DwConvImpl) -> nn.Module:
 
 def choose_kernels(model: nn.Module, input_shape: Tuple[int, ...], batch_size: int, training: bool,
                    dtype: Optional[torch.dtype] = None, channels_last: bool = False,
-                   entry: Optional[nn.Module] = None) -> str:
+                   entry: Optional[nn.Module] = None, decisions: Optional[str] = None) -> str:
     """Decide which of ``model``'s 'auto' depthwise convs run ours, now that it is on its device (and
     memory format), and install the choice on each (``DepthwiseConv2d.chosen``), for training (when
     ``training``) and inference.
@@ -178,8 +188,10 @@ def choose_kernels(model: nn.Module, input_shape: Tuple[int, ...], batch_size: i
     eval mode records each conv's case: its input's shape with ``batch_size`` images, its layout, and
     ``dtype`` (the run's autocast type; None: fp32). Rank 0 decides every case with
     ``kernels.dwconv.choose`` (timed at first use on this device, remembered) and sends the decisions
-    to the other processes, so that all run the same kernels. Returns a line for the log ('' when no
-    conv is 'auto')."""
+    to the other processes, so that all run the same kernels (``decisions``: the folder of the
+    decisions file, default the kernel cache's); every process then self-checks ours for
+    the cases chosen, and a case that fails anywhere runs PyTorch's everywhere. Returns a line for the
+    log ('' when no conv is 'auto', and on the other processes)."""
     convs = [m for m in model.modules() if isinstance(m, DepthwiseConv2d) and m.impl == 'auto']
     kernels = _kernels()
     if not convs or kernels is None:
@@ -194,22 +206,37 @@ def choose_kernels(model: nn.Module, input_shape: Tuple[int, ...], batch_size: i
             cases[conv, mode] = kernels.Case(conv.kernel_size[0], conv.stride[0], dtype or seen_dtype, layout,
                                              (batch_size, *shape), mode == 'train')
     several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    decisions = [None]
+    box = [None, None]  # rank 0's decisions by case, or what went wrong there
     if not several or dist.get_rank() == 0:
-        tuner = kernels.autotune.tuner(device)
+        tuner = kernels.autotune.tuner(device, decisions)
         before = dataclasses.replace(tuner.stats)
-        decisions[0] = {case.key(): kernels.choose(device, case) for case in cases.values()}
+        try:
+            box[0] = {case.key(): kernels.choose(device, case, folder=decisions) for case in cases.values()}
+        except Exception as error:  # said on every process, rather than leaving the others waiting
+            box[1] = f'{type(error).__name__}: {error}'
         after = tuner.stats
     if several:
-        dist.broadcast_object_list(decisions, src=0)
+        dist.broadcast_object_list(box, src=0)
+    decisions, problem = box
+    if problem:
+        raise RuntimeError(f'choosing the depthwise-conv kernels failed on rank 0: {problem}')
+    # Every process self-checks ours for the cases it would run it on; where one cannot, all run PyTorch's.
+    ours = sorted({case for case in cases.values() if decisions[case.key()]}, key=lambda case: case.key())
+    usable = [kernels.is_usable(device, case.kernel_size, case.stride, case.dtype) for case in ours]
+    if several:
+        everywhere = [None] * dist.get_world_size()
+        dist.all_gather_object(everywhere, usable)
+        usable = [all(flags) for flags in zip(*everywhere)]
+    for case, ok in zip(ours, usable):
+        decisions[case.key()] = ok
     for (conv, mode), case in cases.items():
-        conv.chosen[mode] = decisions[0][case.key()]
+        conv.chosen[mode] = decisions[case.key()]
     if several and dist.get_rank() != 0:
         return ''
     counts = ', '.join(f'{sum(conv.chosen[mode] for conv in seen)} of {len(seen)} for {name}'
                        for mode, name in (('train', 'training'), ('infer', 'inference')) if training or mode == 'infer')
     timed, untimed = after.timed - before.timed, after.untimed - before.untimed
-    return (f'depthwise convs (MODEL.DWCONV_IMPL auto) on {device}: ours in {counts}; {len(decisions[0])} case(s), '
+    return (f'depthwise convs (MODEL.DWCONV_IMPL auto) on {device}: ours in {counts}; {len(decisions)} case(s), '
             f'{timed} timed now ({after.seconds - before.seconds:.1f} s)'
             + (f', {untimed} left to the tables' if untimed else '')
             + (f'; decisions kept in {tuner.path}' if tuner.path else ''))

@@ -12,6 +12,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope='session', autouse=True)
+def tuning_decisions(tmp_path_factory):
+    """Depthwise-conv tuning decisions of this test session (each worker's) go to a folder of its
+    own, not to the user's kernel cache: decisions timed by tests under load would otherwise be the
+    ones the user's runs adopt. The runs a test starts inherit it."""
+    os.environ['FAT_DWCONV_TUNE_DIR'] = str(tmp_path_factory.mktemp('tuning'))
+    yield
+    del os.environ['FAT_DWCONV_TUNE_DIR']
+
+
 @pytest.fixture
 def saved_bytes():
     """``saved_bytes(fn, *args)``: the bytes autograd keeps for backward while ``fn(*args)`` runs."""

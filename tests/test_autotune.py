@@ -27,6 +27,7 @@ def tuning(monkeypatch, tmp_path):
     """A fresh build folder (so a fresh decisions file) and no build, self-check or tuner from earlier
     tests (a test that refused a build folder leaves the CPU library unloaded for the process)."""
     monkeypatch.setenv('FAT_KERNELS_BUILD_DIR', str(tmp_path))
+    monkeypatch.setenv(autotune.FOLDER_VARIABLE, str(tmp_path / 'decisions'))
     monkeypatch.delenv(autotune.BUDGET_VARIABLE, raising=False)
     monkeypatch.setattr(dwconv_build, '_loaded', {})
     monkeypatch.setattr(autotune, '_tuners', {})
@@ -182,10 +183,11 @@ def test_choose_kernels_installs_a_choice_per_conv_from_its_recorded_case(tuning
 
 
 @pytest.mark.parametrize('chosen', [True, False])
-def test_compiled_graph_follows_the_decision_made_while_tracing(tuning, monkeypatch, chosen):
-    """A conv no converter decided is decided at its first use, also when that is torch.compile's
-    tracing: the graph holds our operator exactly when the tuner chose it."""
-    monkeypatch.setenv(autotune.BUDGET_VARIABLE, '0')
+def test_a_model_used_alone_follows_the_tables_when_compiled_or_exported(tuning, monkeypatch, chosen):
+    """A conv no converter decided is timed at its first eager use; under torch.compile and
+    torch.export its shape may be symbolic (a dynamic batch here), so the measured tables decide, as
+    constants of the graph: it holds our operator exactly where they choose it. (Timing there failed:
+    a symbolic size cannot be a constant argument or a key.)"""
     monkeypatch.setattr(dwconv, 'PREFERRED_CPU_CASES', ((range(3, 32, 2), (1, 2), (torch.float32,), ('nchw',)),)
                         if chosen else ())
     conv = models.DepthwiseConv2d(8, 5, 2)
@@ -194,10 +196,14 @@ def test_compiled_graph_follows_the_decision_made_while_tracing(tuning, monkeypa
     def recording_backend(gm, example_inputs):
         targets.extend(str(n.target) for n in gm.graph.nodes if n.op == 'call_function')
         return gm.forward
-    x = torch.randn(2, 8, 13, 11, requires_grad=True)
-    torch.compile(conv, backend=recording_backend, fullgraph=True)(x).sum().backward()
+    compiled = torch.compile(conv, backend=recording_backend, fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        compiled(torch.randn(batch, 8, 13, 11, requires_grad=True)).sum().backward()
     assert ('fat.depthwise_conv2d.default' in targets) == chosen
-    assert autotune.tuner(CPU).stats.untimed == 1
+    program = torch.export.export(conv, (torch.randn(2, 8, 13, 11, requires_grad=True),),
+                                  dynamic_shapes={'x': {0: torch.export.Dim('batch', min=1, max=64)}})
+    assert program.module()(torch.randn(5, 8, 13, 11)).shape == (5, 8, 7, 6)
+    assert autotune.tuner(CPU).stats.timed == 0
 
 
 RANKS = textwrap.dedent('''
@@ -208,6 +214,7 @@ RANKS = textwrap.dedent('''
     dist.init_process_group('gloo')
     rank = dist.get_rank()
     os.environ['FAT_KERNELS_BUILD_DIR'] = os.path.join(sys.argv[1], f'rank{rank}')
+    os.environ['FAT_DWCONV_TUNE_DIR'] = os.path.join(sys.argv[1], f'rank{rank}', 'decisions')
     # rank 0 would choose ours everywhere, rank 1 nowhere, if each decided for itself
     dwconv.PREFERRED_CPU_CASES = ((range(3, 32, 2), (1, 2), (torch.float32,), ('nchw',)),) if rank == 0 else ()
     torch.manual_seed(0)
@@ -215,17 +222,24 @@ RANKS = textwrap.dedent('''
     models.choose_kernels(model.train(), (3, 32, 32), 2, training=True)
     chosen = [m.chosen['train'] for m in model.modules() if isinstance(m, models.DepthwiseConv2d)]
     print('CHOSEN', rank, json.dumps(chosen), flush=True)
+    if rank == 1:  # ours fails its self-check on this process only: every process runs PyTorch's
+        dwconv.is_usable = lambda *args, **kwargs: False
+    models.choose_kernels(model.train(), (3, 32, 32), 2, training=True)
+    chosen = [m.chosen['train'] for m in model.modules() if isinstance(m, models.DepthwiseConv2d)]
+    print('VETOED', rank, json.dumps(chosen), flush=True)
     dist.destroy_process_group()
 ''')
 
 
 def test_every_process_runs_the_kernels_rank_0_chose(tmp_path):
+    """Rank 0 decides for all; a case whose self-check fails on any process runs PyTorch's on all."""
     script = tmp_path / 'ranks.py'
     script.write_text(RANKS)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1', **{autotune.BUDGET_VARIABLE: '0'})
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                            str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    chosen = {int(line.split()[1]): json.loads(line.split(' ', 2)[2]) for line in proc.stdout.splitlines()
-              if line.startswith('CHOSEN')}
-    assert chosen[0] == chosen[1] and all(chosen[1]), chosen
+    lines = [line.split(' ', 2) for line in proc.stdout.splitlines() if line.startswith(('CHOSEN', 'VETOED'))]
+    chosen = {(what, int(rank)): json.loads(flags) for what, rank, flags in lines}
+    assert chosen['CHOSEN', 0] == chosen['CHOSEN', 1] and all(chosen['CHOSEN', 1]), chosen
+    assert not any(chosen['VETOED', 0]) and not any(chosen['VETOED', 1]), chosen

@@ -384,7 +384,7 @@ def test_dwconv_asks_for_the_tables_when_several_processes_run(monkeypatch):
         Case=Case, choose=lambda device, case, measure=True: asked.append(measure) or False))
     monkeypatch.setattr(dwconv.dist, 'is_initialized', lambda: True)
     monkeypatch.setattr(dwconv.dist, 'get_world_size', lambda: 2)
-    dwconv._extension_chosen('cpu', None, 5, 1, torch.float32, False, 2, 8, 9, 9, True)
+    dwconv._extension_chosen(torch.device('cpu'), 5, 1, torch.float32, False, (2, 8, 9, 9), True)
     assert asked == [False]
 
 

@@ -91,6 +91,9 @@ def test_eval_of_own_checkpoint_reproduces_training_accuracy(image_folder, one_r
     assert 'for training' in chosen.search(trained.stdout).group(1)
     assert chosen.search(evaluated.stdout).group(1).endswith('for inference') and \
         'for training' not in chosen.search(evaluated.stdout).group(1)
+    # a training run keeps its decisions in its folder, so that its resumes run the same kernels anywhere
+    assert f'decisions kept in {run / "kernels"}/' in trained.stdout and list((run / 'kernels').glob('*.json'))
+    assert f'decisions kept in {run / "kernels"}/' not in evaluated.stdout
     deployed = run_main('--eval', '--reparam', '--resume', run / 'ckpt_last.pth', *train_args(image_folder, output))
     assert 'deploy form' in deployed.stdout
     assert loss(deployed.stdout) == pytest.approx(loss(evaluated.stdout), abs=1e-4)

@@ -82,11 +82,12 @@ def preferred(kernel_size: int, stride: int, dtype: torch.dtype, device_type: st
                for sizes, strides, dtypes, layouts in cases)
 
 
-def choose(device: torch.device, case: Case, measure: bool = True) -> bool:
+def choose(device: torch.device, case: Case, measure: bool = True, folder: Optional[str] = None) -> bool:
     """Whether 'auto' runs ours for ``case`` on ``device``: only where the kernels implement it and
     passed their self-check there, and on CPU only for fp32 cases with a backward (ours differs only
     in the weight gradient). Then, with ``measure``, as timed against PyTorch at the case's first use
-    on this device and remembered (``autotune``); without, as the measured tables say."""
+    on this device and remembered (``autotune``; in ``folder`` when given); without, as the measured
+    tables say."""
     device = torch.device(device)
     k, s = case.kernel_size, case.stride
     if not supports(k, s) or device.type not in ('cuda', 'cpu'):
@@ -99,7 +100,7 @@ def choose(device: torch.device, case: Case, measure: bool = True) -> bool:
     usable = lambda: is_usable(device, k, s, case.dtype)  # noqa: E731
     if not measure:
         return table() and usable()
-    return autotune.tuner(device).decide(case, depthwise_conv2d, usable, table)
+    return autotune.tuner(device, folder).decide(case, depthwise_conv2d, usable, table)
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int) -> torch.Tensor:

@@ -3,9 +3,9 @@ whichever ran faster on this device, as cuDNN's benchmark mode chooses among its
 
 A :class:`Case` is (kernel size, stride, dtype, layout, input shape, whether a backward runs). At its
 first use both implementations run it on random data (from a private generator: the global RNG is
-untouched) and the faster is kept: in the process, and in a JSON file for this device in the
-kernels' build folder (``build_directory()/autotune/<identity>.json``). The identity covers what the
-timings depend on: the device's name, torch, CUDA and cuDNN (on CPU: the CPU, torch, our library's
+untouched) and the faster is kept: in the process, and in a JSON file for this device,
+``<identity>.json`` in ``$FAT_DWCONV_TUNE_DIR`` (default: the kernels' build folder's ``autotune/``).
+The identity covers what the timings depend on: the device's name, torch, CUDA and cuDNN (on CPU: the CPU, torch, our library's
 build and the thread count) and our kernels' sources. So later runs on the machine, a resumed run
 included, choose the same kernels without timing. The first decision written for a case stands: a
 process that timed it at the same time adopts the file's.
@@ -39,6 +39,7 @@ from .trusted import write_replacing
 logger = logging.getLogger('kernels.dwconv')
 
 BUDGET_VARIABLE = 'FAT_DWCONV_TUNE_SECONDS'
+FOLDER_VARIABLE = 'FAT_DWCONV_TUNE_DIR'  # where the decisions files go (default: the build folder's autotune/)
 DEFAULT_BUDGET_SECONDS = 5.0
 CASE_SECONDS = 0.05  # timing of one case, once each ran untimed
 CPU_TIMING_VALUES = 2 ** 18
@@ -182,9 +183,15 @@ class Tuner:
 
     def _time(self, case: Case, ours: Callable) -> dict:
         began = time.perf_counter()
-        best = measure(candidates(self.device, case, ours), self.device, CASE_SECONDS)
+        try:
+            best = measure(candidates(self.device, case, ours), self.device, CASE_SECONDS)
+        except Exception as error:  # out of memory at the run's batch, a kernel failing on this shape
+            logger.warning(f'timing {case.key()} on {self.device} failed ({type(error).__name__}: {error}); '
+                           'PyTorch runs it')
+            return {'ours': False, 'timed': False, 'failed': f'{type(error).__name__}: {error}'[:200]}
+        finally:
+            self.stats.seconds += time.perf_counter() - began
         self.stats.timed += 1
-        self.stats.seconds += time.perf_counter() - began
         logger.debug(f'{case.key()}: ours {best["ours"] * 1e3:.3f} ms, PyTorch {best["torch"] * 1e3:.3f} ms')
         return {'ours': best['ours'] < best['torch'], 'ours_ms': round(best['ours'] * 1e3, 4),
                 'torch_ms': round(best['torch'] * 1e3, 4)}
@@ -237,26 +244,28 @@ class Tuner:
         return entry['ours']
 
 
-_tuners: Dict[str, Tuner] = {}
+_tuners: Dict[Tuple[str, str], Tuner] = {}
 _tuners_lock = threading.Lock()
 
 
-def tuner(device: torch.device) -> Tuner:
-    """The process's tuner for ``device`` (made at first use)."""
+def tuner(device: torch.device, folder: Optional[str] = None) -> Tuner:
+    """The process's tuner for ``device`` whose decisions file is in ``folder`` (default:
+    ``$FAT_DWCONV_TUNE_DIR``, else the build folder's ``autotune/``), made at first use."""
+    folder = folder or os.environ.get(FOLDER_VARIABLE) or ''
     with _tuners_lock:
-        if str(device) not in _tuners:
+        if (str(device), folder) not in _tuners:
             who = identity(device)
             digest = hashlib.sha1(json.dumps(who, sort_keys=True).encode()).hexdigest()[:16]
             try:
-                folder = os.path.join(build_directory(), 'autotune')
-                os.makedirs(folder, mode=0o700, exist_ok=True)
-                path: Optional[str] = os.path.join(folder, f'{digest}.json')
+                where = folder or os.path.join(build_directory(), 'autotune')
+                os.makedirs(where, mode=0o700, exist_ok=True)
+                path: Optional[str] = os.path.join(where, f'{digest}.json')
             except (OSError, RuntimeError) as error:
                 logger.warning(f'depthwise-conv tuning decisions are not kept ({error}); a later run may choose '
                                'other kernels')
                 path = None
-            _tuners[str(device)] = Tuner(device, path, budget_seconds())
-        return _tuners[str(device)]
+            _tuners[str(device), folder] = Tuner(device, path, budget_seconds())
+        return _tuners[str(device), folder]
 
 
 def reset() -> None:
