@@ -627,8 +627,8 @@ def test_epoch_checkpoints_are_pruned_and_leftovers_of_killed_saves_removed(data
     (run_dir / 'notes.tmp.txt').write_text('mine')
     run_main(*train_args(data, tmp_path, 'TRAIN.EPOCHS', '4', 'SAVE_FREQ', '1', 'SAVE_KEEP', '2'))
     assert sorted(p.name for p in run_dir.iterdir() if 'events' not in p.name) == [
-        'ckpt_best.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth', 'ckpt_last.pth', 'config.yaml', 'log.txt',
-        'notes.tmp.txt', 'run.lock']
+        'ckpt_best.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth', 'ckpt_last.pth', 'config.yaml', 'kernels',
+        'log.txt', 'notes.tmp.txt', 'run.lock']
     assert yaml.safe_load((run_dir / 'config.yaml').read_text())['SAVE_KEEP'] == 2
 
 
