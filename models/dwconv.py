@@ -12,8 +12,8 @@ step). Chosen by ``impl``:
   use, remembered); PyTorch otherwise. :func:`choose_kernels` decides every conv of a model once it
   is on its device, the same on every process, and installs the choice on each (``chosen``); forward
   passes only read it. A model used on its own decides each case at its first eager use; under
-  torch.compile or torch.export (whose shapes may be symbolic) it follows the measured tables. Ours is the ``torch.ops.fat.depthwise_conv2d`` operator, so it stays in
-  ``torch.compile`` graphs.
+  torch.compile or torch.export (whose shapes may be symbolic) it follows the measured tables. Ours
+  is the ``torch.ops.fat.depthwise_conv2d`` operator, so it stays in ``torch.compile`` graphs.
 - ``'torch'``: always ``F.conv2d``.
 - ``'cuda'``: always our kernel on CUDA tensors, an error if it cannot be used; PyTorch on CPU.
 """
@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+from utils import rank_world
 
 DwConvImpl = Literal['auto', 'torch', 'cuda']
 DWCONV_IMPLS = ('auto', 'torch', 'cuda')
@@ -56,8 +58,10 @@ def _extension_preferred(device_type: str, index: Optional[int], kernel_size: in
     """'auto' by the measured tables, for a conv that :func:`choose_kernels` did not decide when the
     shape may be symbolic (torch.compile, torch.export). Constant for the traced graph."""
     kernels = _kernels()
-    case = kernels and kernels.Case(kernel_size, stride, dtype, channels_last, (0, 0, 0, 0), backward)
-    return kernels is not None and kernels.choose(torch.device(device_type, index), case, measure=False)
+    if kernels is None:
+        return False
+    case = kernels.Case(kernel_size, stride, dtype, channels_last, (0, 0, 0, 0), backward)
+    return kernels.choose(torch.device(device_type, index), case, measure=False)
 
 
 def _extension_chosen(device: torch.device, kernel_size: int, stride: int, dtype: torch.dtype, channels_last: bool,
@@ -68,9 +72,8 @@ def _extension_chosen(device: torch.device, kernel_size: int, stride: int, dtype
     kernels = _kernels()
     if kernels is None:
         return False
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     case = kernels.Case(kernel_size, stride, dtype, channels_last, shape, backward)
-    return kernels.choose(device, case, measure=not several)
+    return kernels.choose(device, case, measure=rank_world()[1] == 1)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -205,9 +208,9 @@ def choose_kernels(model: nn.Module, input_shape: Tuple[int, ...], batch_size: i
         for mode in ('train', 'infer') if training else ('infer',):
             cases[conv, mode] = kernels.Case(conv.kernel_size[0], conv.stride[0], dtype or seen_dtype, layout,
                                              (batch_size, *shape), mode == 'train')
-    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world_size = rank_world()
     box = [None, None]  # rank 0's decisions by case, or what went wrong there
-    if not several or dist.get_rank() == 0:
+    if rank == 0:
         tuner = kernels.autotune.tuner(device, decisions)
         before = dataclasses.replace(tuner.stats)
         try:
@@ -215,28 +218,28 @@ def choose_kernels(model: nn.Module, input_shape: Tuple[int, ...], batch_size: i
         except Exception as error:  # said on every process, rather than leaving the others waiting
             box[1] = f'{type(error).__name__}: {error}'
         after = tuner.stats
-    if several:
+    if world_size > 1:
         dist.broadcast_object_list(box, src=0)
-    decisions, problem = box
+    ours_by_case, problem = box
     if problem:
         raise RuntimeError(f'choosing the depthwise-conv kernels failed on rank 0: {problem}')
     # Every process self-checks ours for the cases it would run it on; where one cannot, all run PyTorch's.
-    ours = sorted({case for case in cases.values() if decisions[case.key()]}, key=lambda case: case.key())
+    ours = sorted({case for case in cases.values() if ours_by_case[case.key()]}, key=lambda case: case.key())
     usable = [kernels.is_usable(device, case.kernel_size, case.stride, case.dtype) for case in ours]
-    if several:
-        everywhere = [None] * dist.get_world_size()
+    if world_size > 1:
+        everywhere = [None] * world_size
         dist.all_gather_object(everywhere, usable)
         usable = [all(flags) for flags in zip(*everywhere)]
     for case, ok in zip(ours, usable):
-        decisions[case.key()] = ok
+        ours_by_case[case.key()] = ok
     for (conv, mode), case in cases.items():
-        conv.chosen[mode] = decisions[case.key()]
-    if several and dist.get_rank() != 0:
+        conv.chosen[mode] = ours_by_case[case.key()]
+    if rank != 0:
         return ''
     counts = ', '.join(f'{sum(conv.chosen[mode] for conv in seen)} of {len(seen)} for {name}'
                        for mode, name in (('train', 'training'), ('infer', 'inference')) if training or mode == 'infer')
     timed, untimed = after.timed - before.timed, after.untimed - before.untimed
-    return (f'depthwise convs (MODEL.DWCONV_IMPL auto) on {device}: ours in {counts}; {len(decisions)} case(s), '
+    return (f'depthwise convs (MODEL.DWCONV_IMPL auto) on {device}: ours in {counts}; {len(ours_by_case)} case(s), '
             f'{timed} timed now ({after.seconds - before.seconds:.1f} s)'
             + (f', {untimed} left to the tables' if untimed else '')
             + (f'; decisions kept in {tuner.path}' if tuner.path else ''))

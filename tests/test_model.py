@@ -382,8 +382,7 @@ def test_dwconv_asks_for_the_tables_when_several_processes_run(monkeypatch):
     asked = []
     monkeypatch.setattr(dwconv, '_kernels', lambda: types.SimpleNamespace(
         Case=Case, choose=lambda device, case, measure=True: asked.append(measure) or False))
-    monkeypatch.setattr(dwconv.dist, 'is_initialized', lambda: True)
-    monkeypatch.setattr(dwconv.dist, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(dwconv, 'rank_world', lambda: (0, 2))
     dwconv._extension_chosen(torch.device('cpu'), 5, 1, torch.float32, False, (2, 8, 9, 9), True)
     assert asked == [False]
 

@@ -63,10 +63,9 @@ class Case:
 
 @dataclass
 class Stats:
-    """What a tuner did in this process: cases timed (and the seconds), read from its file, left to the tables."""
+    """What a tuner did in this process: cases timed (and the seconds), and left to the tables."""
     timed: int = 0
     seconds: float = 0.0
-    remembered: int = 0
     untimed: int = 0
 
 
@@ -171,7 +170,6 @@ class Tuner:
             if case not in self._decided:
                 known = self._read().get(key)
                 if known is not None:
-                    self.stats.remembered += 1
                     self._decided[case] = known['ours'] and usable()
                 elif not usable():  # not remembered: the self-check is this process's
                     self._decided[case] = False
