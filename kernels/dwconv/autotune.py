@@ -6,9 +6,10 @@ first use both implementations run it on random data (from a private generator: 
 untouched) and the faster is kept: in the process, and in a JSON file for this device,
 ``<identity>.json`` in ``$FAT_DWCONV_TUNE_DIR`` (default: the kernels' build folder's ``autotune/``).
 The identity covers what the timings depend on: the device's name, torch, CUDA and cuDNN (on CPU: the CPU, torch, our library's
-build and the thread count) and our kernels' sources. So later runs on the machine, a resumed run
-included, choose the same kernels without timing. The first decision written for a case stands: a
-process that timed it at the same time adopts the file's.
+build and the thread count) and our kernels' sources. So later runs on the machine choose the same
+kernels without timing. A training run also keeps the decisions it used in its own folder (so its
+resumes, on any node, run them), adopting the machine's where they exist. The first decision written
+for a case stands: a process that timed it at the same time adopts the file's.
 
 Bounded: at most ``FAT_DWCONV_TUNE_SECONDS`` (default 5) of timing per process and device, about
 ``CASE_SECONDS`` per case. Cases beyond it take the measured tables (``PREFERRED_CASES``) and are remembered
@@ -152,31 +153,35 @@ def measure(calls: Dict[str, Callable[[], object]], device: torch.device, second
 
 
 class Tuner:
-    """Decisions for one device: in memory, backed by the device's file (None: none kept)."""
+    """Decisions for one device: in memory, backed by the device's file (None: none kept). A run's
+    tuner has the machine's as ``machine``: it adopts the decisions made there, and adds its own."""
 
-    def __init__(self, device: torch.device, path: Optional[str], budget: float):
-        self.device, self.path, self.budget = device, path, budget
+    def __init__(self, device: torch.device, path: Optional[str], budget: float, machine: Optional['Tuner'] = None):
+        self.device, self.path, self.budget, self.machine = device, path, budget, machine
         self.stats = Stats()
         self._decided: Dict[Case, bool] = {}
         self._lock = threading.RLock()
         self._warned_budget = self._warned_file = False
 
     def decide(self, case: Case, ours: Callable, usable: Callable[[], bool], table: Callable[[], bool]) -> bool:
-        """Whether ``ours`` runs ``case``: as remembered, else as timed against PyTorch's (``table()``
-        once the budget is spent), then remembered; never where ``usable()`` (our kernels' self-check
-        in this process) fails."""
+        """Whether ``ours`` runs ``case``: as remembered (here, else in ``machine``'s file, then
+        copied here), else as timed against PyTorch's (``table()`` once the budget is spent), then
+        remembered in both; never where ``usable()`` (our kernels' self-check in this process) fails."""
         key = case.key()
         with self._lock:
             if case not in self._decided:
-                known = self._read().get(key)
-                if known is not None:
-                    self._decided[case] = known['ours'] and usable()
-                elif not usable():  # not remembered: the self-check is this process's
-                    self._decided[case] = False
-                else:
-                    timed = self.stats.seconds < self.budget
-                    self._decided[case] = self._remember(key, self._time(case, ours) if timed else
-                                                         self._untimed(table()))
+                entry = self._read().get(key)
+                if entry is None:
+                    entry = self.machine._read().get(key) if self.machine else None
+                    if entry is None and not usable():  # not remembered: the self-check is this process's
+                        self._decided[case] = False
+                        return False
+                    if entry is None:
+                        entry = self._time(case, ours) if self.stats.seconds < self.budget else self._untimed(table())
+                        if self.machine:
+                            entry = self.machine._remember(key, entry)
+                    entry = self._remember(key, entry)
+                self._decided[case] = entry['ours'] and usable()
             return self._decided[case]
 
     def _time(self, case: Case, ours: Callable) -> dict:
@@ -198,9 +203,10 @@ class Tuner:
         self.stats.untimed += 1
         if not self._warned_budget:
             self._warned_budget = True
+            files = [path for path in (self.path, self.machine and self.machine.path) if path]
             logger.warning(f'depthwise-conv tuning on {self.device} spent its {self.budget:g} s ({BUDGET_VARIABLE}): '
                            f'this case and later ones take the measured tables'
-                           + (f'; delete {self.path} to time them in a later run' if self.path else ''))
+                           + (f'; delete {" and ".join(files)} to time them in a later run' if files else ''))
         return {'ours': ours, 'timed': False}
 
     def _read(self) -> Dict[str, dict]:
@@ -221,16 +227,16 @@ class Tuner:
             logger.warning(f'ignoring the depthwise-conv tuning file {self.path} ({problem}); it will be rewritten')
         return {}
 
-    def _remember(self, key: str, entry: dict) -> bool:
-        """Write ``entry`` unless the file already decides ``key`` (then that decision is returned)."""
+    def _remember(self, key: str, entry: dict) -> dict:
+        """Write ``entry`` unless the file already decides ``key``; the entry that stands."""
         if self.path is None:
-            return entry['ours']
+            return entry
         try:
             with open(self.path + '.lock', 'w') as guard:
                 fcntl.flock(guard, fcntl.LOCK_EX)
                 decisions = self._read()
                 if key in decisions:
-                    return decisions[key]['ours']
+                    return decisions[key]
                 decisions[key] = entry
                 content = json.dumps({'identity': identity(self.device), 'decisions': decisions}, indent=1,
                                      sort_keys=True)
@@ -239,7 +245,7 @@ class Tuner:
             logger.warning(f'cannot keep depthwise-conv tuning decisions in {self.path} ({error}); a later run, a '
                            'resumed one included, may choose other kernels')
             self.path = None
-        return entry['ours']
+        return entry
 
 
 _tuners: Dict[Tuple[str, str], Tuner] = {}
@@ -247,8 +253,11 @@ _tuners_lock = threading.Lock()
 
 
 def tuner(device: torch.device, folder: Optional[str] = None) -> Tuner:
-    """The process's tuner for ``device`` whose decisions file is in ``folder`` (default:
-    ``$FAT_DWCONV_TUNE_DIR``, else the build folder's ``autotune/``), made at first use."""
+    """The process's tuner for ``device`` whose decisions file is in ``folder``, made at first use.
+    Without ``folder``: the machine's, in ``$FAT_DWCONV_TUNE_DIR``, else the build folder's
+    ``autotune/``. With one (a training run's), backed by the machine's: so two runs on one machine
+    run the same kernels, and a run keeps them wherever it resumes."""
+    machine = tuner(device) if folder else None
     folder = folder or os.environ.get(FOLDER_VARIABLE) or ''
     with _tuners_lock:
         if (str(device), folder) not in _tuners:
@@ -262,7 +271,7 @@ def tuner(device: torch.device, folder: Optional[str] = None) -> Tuner:
                 logger.warning(f'depthwise-conv tuning decisions are not kept ({error}); a later run may choose '
                                'other kernels')
                 path = None
-            _tuners[str(device), folder] = Tuner(device, path, budget_seconds())
+            _tuners[str(device), folder] = Tuner(device, path, budget_seconds(), machine)
         return _tuners[str(device), folder]
 
 
