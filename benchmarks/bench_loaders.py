@@ -260,7 +260,7 @@ def epoch_length(train_images: int, batch: int, workers: int, requested: int) ->
 
 
 def build_loader(spec: dict):
-    """(loader, whether it takes loader.sampler.set_epoch, batch size, epoch images) for ``spec``."""
+    """(loader, whether it is an engine.TrainLoader (takes set_epoch), batch size, epoch images) for ``spec``."""
     import torch
     name, workers = spec['loader'], spec['workers']
     folder, shard_dir = spec['data']['folder'], spec['data']['shards']
@@ -318,7 +318,7 @@ def _batches(loader, set_epoch: bool):
     epoch = 0
     while True:
         if set_epoch:
-            loader.sampler.set_epoch(epoch, 0)
+            loader.set_epoch(epoch)
         yield from loader
         epoch += 1
 

@@ -23,6 +23,22 @@ from .task import Classification, inference_model
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
+class SameBatch:
+    """An ``engine.TrainLoader`` whose epoch is ``count`` times ``batch``."""
+
+    def __init__(self, batch, count: int):
+        self.batch, self.count = batch, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        pass
+
+    def __iter__(self):
+        return itertools.repeat(self.batch, self.count)
+
+
 def throughput(session: engine.Session) -> None:
     """Training, then inference, images per second with the run's settings (DATA.BATCH_SIZE,
     DATA.IMG_SIZE, TRAIN.ACCUMULATION_STEPS, AMP, COMPILE, CHANNELS_LAST) on synthetic batches, with
@@ -58,7 +74,7 @@ def train_throughput(task: Classification, model: nn.Module) -> float:
     batch = (torch.randn(batch_size, config.DATA.IN_CHANS, size, size, device=device),
              torch.randint(config.MODEL.NUM_CLASSES, (batch_size,), device=device))
     # The training set is one optimizer step's micro-batches: the trainer sizes its LR schedule by it.
-    trainer = engine.Trainer(task, engine.TaskData([batch] * accumulation, [], {}, 'synthetic'), model)
+    trainer = engine.Trainer(task, engine.TaskData(SameBatch(batch, accumulation), [], {}, 'synthetic'), model)
     micro_batches = itertools.count()
 
     def optimizer_step() -> None:

@@ -149,16 +149,35 @@ def loader_kwargs(config) -> dict:
                 generator=torch.Generator().manual_seed(config.SEED))
 
 
-def build_train_loader(dataset, config, collate_fn: Optional[Callable] = None) -> DataLoader:
-    """This process's shuffled, per-sample-seeded, resumable training batches of ``dataset``
-    (``loader.sampler.set_epoch(epoch, skip)`` picks the epoch and where in it to start)."""
+class ResumableLoader:
+    """``engine.TrainLoader`` over a DataLoader of :class:`SeededSamples` drawn by a
+    :class:`ResumableSampler`: ``set_epoch(epoch, start_batch)`` tells the sampler to leave out the
+    samples of the first ``start_batch`` batches, in the loader's own batch size."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.batches_per_epoch = len(loader)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.loader.sampler.set_epoch(epoch, skip=start_batch * self.loader.batch_size)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build_train_loader(dataset, config, collate_fn: Optional[Callable] = None) -> ResumableLoader:
+    """This process's shuffled, per-sample-seeded, resumable training batches of ``dataset``."""
     rank, world_size = rank_world()
     if len(dataset) // world_size < config.DATA.BATCH_SIZE:
         raise DataError(f'DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} per process x {world_size} process(es) is larger '
                         f'than the {len(dataset)} training images: lower --batch-size')
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=config.SEED)
-    return DataLoader(SeededSamples(dataset, config.SEED), sampler=sampler, batch_size=config.DATA.BATCH_SIZE,
-                      drop_last=True, collate_fn=collate_fn, **loader_kwargs(config))
+    return ResumableLoader(DataLoader(SeededSamples(dataset, config.SEED), sampler=sampler,
+                                      batch_size=config.DATA.BATCH_SIZE, drop_last=True, collate_fn=collate_fn,
+                                      **loader_kwargs(config)))
 
 
 def build_eval_loader(dataset, config, batch_size: Optional[int] = None,

@@ -401,9 +401,10 @@ class _Batches:
 
 
 class DaliTrainLoader:
-    """This process's training batches: ``len()`` batches per epoch, equal on every process, each
-    ``(images, labels)``: float32 (B, 3, H, W) normalised, int64 (B,); images on the GPU for GPU
-    pipelines, labels on the host.
+    """This process's training batches, an ``engine.TrainLoader`` that keeps its own position
+    (``engine.StatefulLoader``): ``len()`` batches per epoch, equal on every process, each ``(images,
+    labels)``: float32 (B, 3, H, W) normalised, int64 (B,); images on the GPU for GPU pipelines,
+    labels on the host.
 
     DALI's epoch of a process is its share of the split padded to a whole number of batches; the
     loader yields the first ``len()`` and reads the rest before the next epoch starts. The position
@@ -429,7 +430,6 @@ class DaliTrainLoader:
         if config.AUG.REPROB > 0:
             self.erasing = RandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT,
                                          device='cuda' if device_id is not None else 'cpu')
-        self.sampler = self  # the engine calls loader.sampler.set_epoch
         self.checkpoint: Optional[bytes] = None  # DALI's checkpoint to build the pipeline from
         self.epoch = 0  # the epoch the loader is in
         self.position = 0  # batches of it counted as consumed (yielded, or skipped by set_epoch)
@@ -442,27 +442,26 @@ class DaliTrainLoader:
         if self.source.iterator is None:
             self.source.build(self.checkpoint)
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Get ready to yield epoch ``epoch`` from its sample ``skip`` of this process on (a multiple of
-        the batch). DALI cannot skip to a sample: the position comes from the restored checkpoint. A
-        request for the epoch after one in progress finishes that one first, as an uninterrupted run
-        does; any other request that does not match the loader's position (a checkpoint of the
-        PyTorch loader, of another number of processes, or none) is served from the next DALI epoch
-        with a warning, yielding only the remaining ``len() - skip / batch`` batches."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Get ready to yield epoch ``epoch`` from its batch ``start_batch`` on. DALI cannot skip to a
+        sample: the position comes from the restored checkpoint. A request for the epoch after one in
+        progress finishes that one first, as an uninterrupted run does; any other request that does
+        not match the loader's position (a checkpoint of the PyTorch loader, of another number of
+        processes, or none) is served from the next DALI epoch with a warning, yielding only the
+        remaining ``len() - start_batch`` batches."""
         self._ensure_built()
-        wanted = skip // self.batch_size
-        if (epoch, wanted) == (self.epoch, self.position):
+        if (epoch, start_batch) == (self.epoch, self.position):
             return
-        if epoch == self.epoch + 1 and wanted == 0 and self.position > 0:
+        if epoch == self.epoch + 1 and start_batch == 0 and self.position > 0:
             self._finish_epoch()  # the engine left epoch self.epoch before its end (steps_per_epoch < len())
             return
         logger.warning(f'the DALI loader is at epoch {self.epoch} batch {self.position}, but epoch {epoch} is to go '
-                       f'on from batch {wanted}: DALI cannot skip to a sample, so the data order of this epoch is not '
-                       f'the one of an uninterrupted run; its remaining {len(self) - wanted} batches come from a '
+                       f'on from batch {start_batch}: DALI cannot skip to a sample, so the data order of this epoch is not '
+                       f'the one of an uninterrupted run; its remaining {len(self) - start_batch} batches come from a '
                        'fresh DALI epoch')
         if self.dali_batches:
             self.source.drain()
-        self.epoch, self.position, self.dali_batches = epoch, wanted, 0
+        self.epoch, self.position, self.dali_batches = epoch, start_batch, 0
 
     def _finish_epoch(self) -> None:
         """Read the rest of DALI's epoch and stand at the start of the next one."""

@@ -31,12 +31,12 @@ from utils import (ConfigError, DataError, FolderLock, UserInputError, agree, am
                    seed_everything)
 
 from .checkpoints import config_changes, load_weights
-from .task import Session, Task, TaskData
+from .task import Session, StatefulLoader, Task, TaskData, TrainLoader
 from .trainer import BatchNormGuard, Trainer, evaluate, sync_batchnorm
 
-__all__ = ['BatchNormGuard', 'Session', 'Task', 'TaskData', 'Trainer', 'build_model', 'check_config', 'claim_run_folder',
-           'config_changes', 'evaluate', 'load_weights', 'main', 'start', 'sync_batchnorm', 'to_device',
-           'train_or_evaluate']
+__all__ = ['BatchNormGuard', 'Session', 'StatefulLoader', 'Task', 'TaskData', 'TrainLoader', 'Trainer', 'build_model',
+           'check_config', 'claim_run_folder', 'config_changes', 'evaluate', 'load_weights', 'main', 'start',
+           'sync_batchnorm', 'to_device', 'train_or_evaluate']
 
 
 RUN_LOCK = 'run.lock'  # held by a training run's rank 0 for the run's lifetime

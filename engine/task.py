@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -24,13 +24,40 @@ class Session:
     run_lock: Optional[FolderLock] = None  # the run folder's lock, held by a training run's rank 0
 
 
+@runtime_checkable
+class TrainLoader(Protocol):
+    """A process's training batches, resumable at a batch: what ``TaskData.train`` is. The engine
+    counts its position in the batches this loader yields, never in samples. ``data.build_train_loader``
+    (PyTorch's) and ``data.dali.DaliTrainLoader`` implement it."""
+
+    def __len__(self) -> int:
+        """Batches per epoch: the same on every process, whatever ``set_epoch`` was told."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next iteration yields epoch ``epoch`` from its batch ``start_batch`` on (the ones before
+        were trained on before a resume)."""
+
+    def __iter__(self) -> Iterator:
+        """The batches of the epoch ``set_epoch`` named, from its ``start_batch``."""
+
+
+@runtime_checkable
+class StatefulLoader(Protocol):
+    """A :class:`TrainLoader` that keeps its own position in the checkpoints (DALI's, which cannot
+    start an epoch at a batch): the engine saves ``state_dict()`` per process and gives it back to
+    ``load_state_dict`` on resume, before ``set_epoch``."""
+
+    def state_dict(self) -> dict:
+        """This process's position, as plain data."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from ``state_dict()``'s position."""
+
+
 @dataclass
 class TaskData:
     """A task's data for this process."""
-    # data.build_train_loader (resumable, per-sample seeded), or any iterable with len() (batches per
-    # epoch, equal on every process) and sampler.set_epoch(epoch, skip); one that also has
-    # state_dict() / load_state_dict() (data/dali.py's) keeps its own position in the checkpoints.
-    train: Iterable
+    train: TrainLoader
     val: Iterable  # data.build_eval_loader: every sample once over all processes
     identity: dict  # what makes the data set itself (classes, size): a run folder holds one
     description: str  # one line for the log

@@ -28,7 +28,7 @@ from utils import (CHECKPOINT_LAST, CheckpointError, DataError, NonFiniteLossErr
                    is_disk_full, is_distributed, memory_used_mb, rng_state, set_rng_state)
 
 from . import checkpoints
-from .task import Task, TaskData
+from .task import StatefulLoader, Task, TaskData, TrainLoader
 
 
 @torch.no_grad()
@@ -84,6 +84,9 @@ class Trainer:
         session, config = task.session, task.config
         self.task, self.data, self.config, self.session = task, data, config, session
         self.device, self.logger = session.device, session.logger
+        if not isinstance(data.train, TrainLoader):
+            raise TypeError(f'{type(task).__name__}.build_data gave a {type(data.train).__name__} as training data: the '
+                            'engine needs an engine.TrainLoader (len, set_epoch(epoch, start_batch), iteration)')
         self.accumulation = config.TRAIN.ACCUMULATION_STEPS
         self.updates_per_epoch = len(data.train) // self.accumulation
         if self.updates_per_epoch == 0:
@@ -172,7 +175,7 @@ class Trainer:
         config, progress, model = self.config, self.progress, self.train_model
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        self.data.train.sampler.set_epoch(progress.epoch, skip=progress.micro_batches * config.DATA.BATCH_SIZE)
+        self.data.train.set_epoch(progress.epoch, progress.micro_batches)
         batch_time, data_time = AverageMeter(), AverageMeter()
         # Running sums stay on the device; they are read (one sync) only at the print interval.
         sums: Dict[str, torch.Tensor] = {}
@@ -343,10 +346,10 @@ class Trainer:
                                      f'step {progress.micro_batches}; not saving them, the last good checkpoint in '
                                      f'{self.session.out_dir} is kept')
         rng_states = gather_objects(rng_state())
-        # A loader that keeps its own position (DALI's readers) saves it per process; the engine's
-        # sampler position (epoch, step) is all the PyTorch loader needs.
+        # A loader that keeps its own position (DALI's readers) saves it per process; for the others
+        # the engine's position (epoch, micro-batch) is all set_epoch needs.
         train = self.data.train
-        loader_states = gather_objects(train.state_dict()) if hasattr(train, 'state_dict') else None
+        loader_states = gather_objects(train.state_dict()) if isinstance(train, StatefulLoader) else None
         progress.saves += 1
         periodic = epoch_complete and config.SAVE_FREQ > 0 and (
             (progress.epoch + 1) % config.SAVE_FREQ == 0 or progress.epoch + 1 == config.TRAIN.EPOCHS)
@@ -425,7 +428,7 @@ class Trainer:
         self.first_nonfinite.fill_(checkpoint['first_nonfinite'])
         if checkpoint['identity']['data'] != self.identity['data']:
             self.logger.warning(f'{path} was trained on other data ({self.identity["data"]} now); continuing as asked')
-        if hasattr(self.data.train, 'load_state_dict'):
+        if isinstance(self.data.train, StatefulLoader):
             states = checkpoint['loader']
             if states is not None and len(states) == session.world_size:
                 self.data.train.load_state_dict(states[session.rank])

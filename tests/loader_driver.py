@@ -27,8 +27,8 @@ def main() -> None:
                                                   'DATA.NUM_WORKERS', '0', 'DEVICE', 'cpu', *opts]))
     rank, _, _ = init_distributed('cpu')
     data = build_loader(config)
-    data.train.dataset.dataset.transform = fingerprint  # SeededSamples over the split's data set
-    data.train.sampler.set_epoch(1)
+    data.train.loader.dataset.dataset.transform = fingerprint  # SeededSamples over the split's data set
+    data.train.set_epoch(1)
     seen = [(int(f), int(t)) for prints, targets in data.train for f, t in zip(prints, targets)]
     everything = gather_objects(seen)
     if rank == 0:

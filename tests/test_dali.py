@@ -119,7 +119,7 @@ def loaders(config, train, val=None, rank=0, world=1, monkeypatch=None):
 
 
 def one_epoch(loader, epoch: int) -> list:
-    loader.sampler.set_epoch(epoch, skip=0)
+    loader.set_epoch(epoch)
     return [(images.clone(), labels.clone()) for images, labels in loader]
 
 
@@ -192,19 +192,19 @@ def test_resume_from_state_dict_continues_bitwise(splits, tmp_path, kind):
 
     # Preempted after 2 batches of epoch 0, resumed through the end of epoch 1.
     interrupted, _ = loaders(config, splits[kind])
-    interrupted.sampler.set_epoch(0, skip=0)
+    interrupted.set_epoch(0)
     batches = iter(interrupted)
     got = [next(batches) for _ in range(2)]
     state = saved(interrupted.state_dict())
     resumed, _ = loaders(config, splits[kind])
     resumed.load_state_dict(state)
-    resumed.sampler.set_epoch(0, skip=2 * BATCH)
+    resumed.set_epoch(0, 2)
     got += list(resumed) + one_epoch(resumed, 1)
     # Across the epoch boundary: saved after the last batch of epoch 0 was taken but before the loader
     # finished its DALI epoch (as when the engine stops at steps_per_epoch), resumed at epoch 1.
     resumed_again, _ = loaders(config, splits[kind])
     resumed_again.load_state_dict(saved(pickle.loads(pickle.dumps(state))))
-    resumed_again.sampler.set_epoch(0, skip=2 * BATCH)
+    resumed_again.set_epoch(0, 2)
     tail = iter(resumed_again)
     for _ in range(len(resumed_again) - 2):
         next(tail)
@@ -223,7 +223,7 @@ def test_a_position_the_loader_cannot_reach_is_warned_and_shortened(splits, capl
     # Caught: ignoring ``skip`` (a full epoch after a resume from the PyTorch loader's checkpoint);
     # taking a fresh loader asked for epoch 1 for one that left epoch 0 early (no warning).
     train, _ = loaders(make_config(*PLAIN), splits['folder'])
-    train.sampler.set_epoch(0, skip=2 * BATCH)  # a fresh loader: no DALI position to resume from
+    train.set_epoch(0, 2)  # a fresh loader: no DALI position to resume from
     assert 'not the one of an uninterrupted run' in caplog.text
     assert len(list(train)) == len(train) - 2
     assert len(one_epoch(train, 1)) == len(train)

@@ -188,7 +188,7 @@ def test_one_detection_training_step_lowers_nothing_to_nan_and_moves_the_weights
                           'DATA.BATCH_SIZE', '2', 'DET.MIN_SIZE', '64', 'DET.MAX_SIZE', '64', *TINY_FAT)
     task = task_of(DetectionTask, config, tmp_path)
     loader_train = task.build_data().train
-    loader_train.sampler.set_epoch(0)
+    loader_train.set_epoch(0)
     model = task.build_model().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in model.state_dict().items()}

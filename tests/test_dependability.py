@@ -135,7 +135,7 @@ from classification import get_config
 from data.build import build_train_loader
 config = get_config(Namespace(cfg=None, opts=['DATA.NUM_WORKERS', '2', 'DATA.BATCH_SIZE', '4']))
 loader = build_train_loader(torch.utils.data.TensorDataset(torch.zeros(64, 2)), config)
-loader.sampler.set_epoch(0)
+loader.set_epoch(0)
 next(iter(loader))
 cycle = [loader]
 cycle.append(cycle)

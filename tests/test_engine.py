@@ -89,3 +89,25 @@ def test_a_lone_process_stops_at_the_first_step_after_a_signal():
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
+
+
+def test_the_pytorch_loader_resumes_at_a_batch_and_keeps_its_epoch_length():
+    """engine.TrainLoader as data.build_train_loader implements it: set_epoch(epoch, start_batch)
+    leaves out the first start_batch batches (of the loader's own size), and len() stays the epoch's.
+    Mutations caught: the offset counted in samples (resumed 3 samples in); len() shrinking after a resume."""
+    from data import build_train_loader
+    config = get_config(Namespace(cfg=None, opts=['DATA.BATCH_SIZE', '4', 'DATA.NUM_WORKERS', '0']))
+    dataset = torch.utils.data.TensorDataset(torch.arange(40))
+    full = build_train_loader(dataset, config)
+    full.set_epoch(1)
+    epoch = [batch[0].tolist() for batch in full]
+    resumed = build_train_loader(dataset, config)
+    resumed.set_epoch(1, 3)
+    assert isinstance(resumed, engine.TrainLoader) and len(resumed) == len(epoch) == 10
+    assert [batch[0].tolist() for batch in resumed] == epoch[3:]
+
+
+def test_training_data_that_is_no_train_loader_is_refused_naming_the_interface():
+    task = Namespace(session=Namespace(device=torch.device('cpu'), logger=None), config=None)
+    with pytest.raises(TypeError, match=r'Namespace.build_data gave a list .* engine.TrainLoader'):
+        engine.Trainer(task, engine.TaskData([(torch.zeros(1), torch.zeros(1))], [], {}, 'list'), net())
