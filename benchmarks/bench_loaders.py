@@ -12,13 +12,13 @@ The transforms are those of configs/fat_b0_224.yaml (``--cfg``): RandomResizedCr
 0.08-1, bicubic), horizontal flip, RandAugment rand-m9-mstd0.5-inc1, normalisation, random erasing
 0.25 (pixel); batch ``DATA.BATCH_SIZE`` (128). The loaders:
 
-    folder       this repo's loader: data.build.build_dataset('train', root, config) and
+    folder       this repo's loader: classification.data.build_dataset('train', root, config) and
                  build_train_loader (PyTorch DataLoader, DATA.NUM_WORKERS worker processes, PIL
                  decoding, timm transforms, per-sample seeding)
     shards       the same reading the shards (build_dataset(..., shards=ShardSet(shard_dir)))
     timm         timm's own: timm.data.create_dataset('', root=train/) + create_loader with the same
                  transforms (use_prefetcher=False, so random erasing runs in the workers as ours does)
-    dali-cpu     data/dali.py's build_dali_loaders (DATA.LOADER dali, DEVICE cpu): DALI's CPU decoder and
+    dali-cpu     classification/dali.py's build_dali_loaders (DATA.LOADER dali, DEVICE cpu): DALI's CPU decoder and
                  operators, DATA.NUM_WORKERS = DALI's CPU threads, random erasing on the batch
     dali-mixed   the same with DEVICE cuda: nvJPEG / GPU decoding and GPU augmentation (needs CUDA;
                  otherwise its row says skipped)
@@ -268,7 +268,7 @@ def build_loader(spec: dict):
     if name.startswith('dali'):
         from torchvision import datasets
 
-        from data.dali import FolderSplit, ShardSplit, build_dali_loaders  # may not exist (yet)
+        from classification.dali import FolderSplit, ShardSplit, build_dali_loaders  # may not exist (yet)
         from data.shards import ShardSet
         mixed = name.startswith('dali-mixed')
         if mixed and not torch.cuda.is_available():
@@ -306,7 +306,8 @@ def build_loader(spec: dict):
             use_prefetcher=False, persistent_workers=True)
         return loader, False, config.DATA.BATCH_SIZE, length
 
-    from data.build import build_dataset, build_train_loader
+    from classification.data import build_dataset
+    from data import build_train_loader
     from data.shards import ShardSet
     shards = ShardSet(shard_dir) if name == 'shards' else None
     dataset = build_dataset('train', config.DATA.DATA_PATH, config, shards=shards)

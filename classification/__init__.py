@@ -1,4 +1,5 @@
-"""Image classification: a task of the run engine (``task.py``) with its config section
+"""Image classification: a task of the run engine (``task.py``) with its data (``data.py``; NVIDIA
+DALI's loader in ``dali.py``), its distillation teachers (``distill.py``), its config section
 (``config.py``) and its tools, --throughput (``throughput.py``) and --export (``export.py``).
 ``main.py`` is its entry point."""
 from .config import classification_defaults, get_config

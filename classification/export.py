@@ -10,7 +10,6 @@ import torch.nn as nn
 from yacs.config import CfgNode
 
 import engine
-from data import preprocessing
 from engine.checkpoints import LAUNCH_KEYS, config_changes
 from models import count_macs
 from models.export import check_destination, deployable, export as export_model
@@ -18,6 +17,7 @@ from models.hub import check_folder_destination, write_folder
 from utils import UserInputError, data_record, load_checkpoint_file
 
 from .config import recipe_defaults
+from .data import preprocessing
 from .task import Classification, deploy_form
 
 

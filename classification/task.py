@@ -9,12 +9,13 @@ import torch.nn as nn
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import engine
-from data import build_loader, build_mixup, preprocessing
 from models import (build_model, check_architecture, checkpoint_filter_fn, choose_kernels, choose_run_kernels,
                     count_macs, kernel_decisions)
-from models.distill import Teacher, TeacherLogits, build_teacher, distillation_loss
 from models.hub import read_weights
 from utils import ConfigError, all_reduce, amp_dtype, load_weights
+
+from .data import build_loader, build_mixup, preprocessing
+from .distill import Teacher, TeacherLogits, build_teacher, distillation_loss
 
 
 class Classification(engine.Task):

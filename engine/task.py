@@ -28,7 +28,7 @@ class Session:
 class TrainLoader(Protocol):
     """A process's training batches, resumable at a batch: what ``TaskData.train`` is. The engine
     counts its position in the batches this loader yields, never in samples. ``data.build_train_loader``
-    (PyTorch's) and ``data.dali.DaliTrainLoader`` implement it."""
+    (PyTorch's) and ``classification.dali.DaliTrainLoader`` implement it."""
 
     def __len__(self) -> int:
         """Batches per epoch: the same on every process, whatever ``set_epoch`` was told."""

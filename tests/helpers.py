@@ -40,6 +40,12 @@ def make_image_folder(root: Path, classes: int, train_per_class: int, val_per_cl
     return root
 
 
+def project_env(**variables: str) -> dict:
+    """The environment of a Python subprocess that imports the project's modules (as pytest's
+    ``pythonpath`` does for the tests), plus ``variables``."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), **variables)
+
+
 def run_main(*args, nproc: int = 1, check: bool = True, threads: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc)] if nproc > 1 \
         else [sys.executable]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from classification import get_config
-from data import build_loader
+from classification.data import build_loader
 from utils import gather_objects, init_distributed
 
 

@@ -1,4 +1,4 @@
-"""The DALI loader (data/dali.py) on the CPU: tiny generated ImageFolders and WebDataset shards.
+"""The DALI loader (classification/dali.py) on the CPU: tiny generated ImageFolders and WebDataset shards.
 
 Each test names, in a comment, a bug it was seen to catch (the code was changed that way and the test
 failed)."""
@@ -21,11 +21,11 @@ pytest.importorskip('nvidia.dali')
 from wds2idx import IndexCreator  # noqa: E402  (DALI's index tool, installed with DALI)
 
 from classification import get_config  # noqa: E402
-from data.build import build_transform  # noqa: E402
-import data.dali as dali  # noqa: E402
-from data.dali import FolderSplit, ShardSplit, build_dali_loaders  # noqa: E402
-from helpers import (EXACT_OPTS, ROOT, assert_same_weights, last_checkpoint,  # noqa: E402
-                     make_image_folder, run_main, start_main, train_args, wait_for_log)
+from classification.data import build_transform  # noqa: E402
+import classification.dali as dali  # noqa: E402
+from classification.dali import FolderSplit, ShardSplit, build_dali_loaders  # noqa: E402
+from helpers import (EXACT_OPTS, assert_same_weights, last_checkpoint,  # noqa: E402
+                     make_image_folder, project_env, run_main, start_main, train_args, wait_for_log)
 from utils import DataError  # noqa: E402
 
 BATCH = 4
@@ -297,16 +297,15 @@ def test_validation_reads_every_sample_once_over_two_processes(splits, monkeypat
 # --- 5. without DALI ------------------------------------------------------------------------------
 
 def test_without_dali_the_builder_says_how_to_install_it():
-    # Caught: importing nvidia.dali at the top of data/dali.py (the module itself no longer imports).
-    script = f'''
+    # Caught: importing nvidia.dali at the top of classification/dali.py (the module itself no longer imports).
+    script = '''
 import sys
 for name in [m for m in sys.modules if m.startswith('nvidia.dali')] + ['nvidia.dali', 'nvidia.dali.fn',
                                                                        'nvidia.dali.plugin.pytorch']:
     sys.modules[name] = None
-sys.path.insert(0, {str(ROOT)!r})
 import argparse
 from classification import get_config
-from data.dali import FolderSplit, build_dali_loaders
+from classification.dali import FolderSplit, build_dali_loaders
 from utils import UserInputError
 split = FolderSplit([('x.jpg', 0)], ['a'])
 try:
@@ -314,7 +313,8 @@ try:
 except UserInputError as error:
     print(repr(str(error)))
 '''
-    run = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, '-c', script], env=project_env(), capture_output=True, text=True,
+                         timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == repr(dali.DALI_MISSING)
     assert '\n' not in dali.DALI_MISSING  # the CLI prints a UserInputError as one 'error:' line

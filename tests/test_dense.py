@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -32,10 +31,10 @@ from models import FATBackbone
 from segmentation.data import (IGNORE_INDEX, SegmentationFolder, confusion_matrix, pad_to_multiple,
                                segmentation_metrics)
 from segmentation.train import CHOICES as SEG_CHOICES, SegmentationTask, defaults as seg_defaults
+from helpers import ROOT
 from utils import CheckpointError, DataError
 
-REPO = Path(__file__).resolve().parents[1]
-TESTDATA = REPO.parent / 'shared' / 'testdata' / 'official-fat'
+TESTDATA = ROOT.parent / 'shared' / 'testdata' / 'official-fat'
 TINY_FAT = ['MODEL.FAT.EMBED_DIMS', '[8, 16, 32, 32]', 'MODEL.FAT.DEPTHS', '[1, 1, 1, 1]',
             'MODEL.FAT.NUM_HEADS', '[1, 2, 2, 2]']
 
@@ -47,7 +46,7 @@ def canvases(tmp_path_factory):
 
 def dense_config(defaults, choices, cfg: str, *opts: str):
     """An entry point's config from its yaml and --opts, as its command line would build it."""
-    update_config(defaults, Namespace(cfg=str(REPO / cfg), opts=list(opts) or None), choices)
+    update_config(defaults, Namespace(cfg=str(ROOT / cfg), opts=list(opts) or None), choices)
     return defaults
 
 
@@ -222,7 +221,7 @@ def test_dense_tasks_train_compiled_and_channels_last_through_the_engine(entry, 
     size = ['DET.MIN_SIZE', '64', 'DET.MAX_SIZE', '64'] if entry == 'detection' else ['DATA.CROP_SIZE', '64',
                                                                                         'DATA.BASE_SIZE', '64']
     config = parse_command_line('test', defaults, choices, argv=[
-        '--cfg', str(REPO / cfg), *flags, '--output', str(tmp_path), '--opts', 'DATA.DATA_PATH', str(canvases),
+        '--cfg', str(ROOT / cfg), *flags, '--output', str(tmp_path), '--opts', 'DATA.DATA_PATH', str(canvases),
         'DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE', '4', 'TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_STEPS', '1',
         *TINY_FAT, *size])
     assert config.COMPILE == ('--compile' in flags) and config.CHANNELS_LAST
@@ -281,7 +280,7 @@ def test_coco_evaluation_scores_perfect_and_shifted_boxes_and_masks(canvases, tm
 
 def _run(module: str, cfg: str, *args: str, threads: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    return subprocess.run([sys.executable, '-m', module, '--cfg', cfg, '--device', 'cpu', *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, '-m', module, '--cfg', cfg, '--device', 'cpu', *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -367,7 +366,7 @@ def test_sigterm_saves_mid_epoch_and_the_same_command_continues_bitwise(tmp_path
     args = ['--output', str(tmp_path / 'run'), *opts]
     log = tmp_path / 'run' / 'fpn_fat_b0_digits' / 'default' / 'log.txt'
     proc = subprocess.Popen([sys.executable, '-m', 'segmentation.train', '--cfg', cfg, '--device', 'cpu', *args],
-                            cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
+                            cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (log.exists() and 'Train: [0/2][2/12]' in log.read_text()):

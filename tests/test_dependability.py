@@ -17,7 +17,7 @@ import yaml
 
 from engine.checkpoints import FORMAT_VERSION
 from helpers import (EXACT_OPTS, ROOT, TINY_OPTS, assert_one_line_error, assert_same_weights, error_lines,
-                     last_checkpoint, make_image_folder, run_main, start_main, train_args, wait_for_log)
+                     last_checkpoint, make_image_folder, project_env, run_main, start_main, train_args, wait_for_log)
 from utils import FolderLock
 
 # Two processes, two micro-batches per optimizer step, a log line every other micro-batch: the
@@ -125,14 +125,12 @@ def test_sigterm_to_every_process_with_loader_workers_saves_mid_epoch_and_the_re
 def test_a_process_that_exits_with_a_loader_still_alive_ends_at_once(tmp_path):
     # Loader workers ignore SIGTERM, and multiprocessing's exit handler SIGTERMs them and then waits:
     # a loader that a reference cycle keeps alive until exit would hold the process for ever.
-    # Mutation caught: no exit hook in data/build.py (the process hung).
+    # Mutation caught: no exit hook in data/loaders.py (the process hung).
     script = tmp_path / 'cycle.py'
-    script.write_text(f"""import sys
-sys.path.insert(0, {str(ROOT)!r})
-from argparse import Namespace
+    script.write_text("""from argparse import Namespace
 import torch
 from classification import get_config
-from data.build import build_train_loader
+from data import build_train_loader
 config = get_config(Namespace(cfg=None, opts=['DATA.NUM_WORKERS', '2', 'DATA.BATCH_SIZE', '4']))
 loader = build_train_loader(torch.utils.data.TensorDataset(torch.zeros(64, 2)), config)
 loader.set_epoch(0)
@@ -140,7 +138,7 @@ next(iter(loader))
 cycle = [loader]
 cycle.append(cycle)
 """)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, str(script)], env=project_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
 
 
@@ -364,8 +362,7 @@ def test_the_run_lock_dies_with_its_holder_not_with_the_processes_it_forked(tmp_
     # A killed run's loader workers outlive it by seconds; the restart must get the folder at once.
     # Mutation caught: an flock (shared with forked children: the restart was refused).
     script = tmp_path / 'holder.py'
-    script.write_text(f"""import os, sys, time
-sys.path.insert(0, {str(ROOT)!r})
+    script.write_text(f"""import os, time
 from utils import FolderLock
 lock, _ = FolderLock.try_take({str(tmp_path)!r}, 'run.lock')
 if os.fork() == 0:
@@ -374,7 +371,8 @@ if os.fork() == 0:
 print('held', flush=True)
 time.sleep(60)
 """)
-    holder = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    holder = subprocess.Popen([sys.executable, str(script)], env=project_env(), stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
     try:
         assert holder.stdout.readline() == 'held\n'
         lock, who = FolderLock.try_take(str(tmp_path), 'run.lock')
@@ -538,7 +536,7 @@ def driver(scenario: str, base: Path, data: Path) -> str:
 def run_driver(scenario: str, base: Path, data: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
                            str(ROOT / 'tests' / 'engine_driver.py'), scenario, str(base), str(data)],
-                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT)), capture_output=True,
+                          cwd=ROOT, env=project_env(OMP_NUM_THREADS='1'), capture_output=True,
                           text=True, timeout=180)
 
 

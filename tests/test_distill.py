@@ -16,11 +16,11 @@ import classification
 from classification import get_config
 from classification.config import CLASSIFICATION_CHOICES, check_config, classification_defaults
 from config import parse_command_line
-from data import build_loader, preprocessing
+from classification.data import build_loader, preprocessing
 import engine
 from helpers import (EXACT_OPTS, TINY_OPTS, assert_one_line_error, assert_same_weights, last_checkpoint,
                      make_image_folder, run_main, start_main, train_args, wait_for_log)
-from models.distill import Teacher, TeacherLogits, build_teacher
+from classification.distill import Teacher, TeacherLogits, build_teacher
 from models.fat import FAT
 from utils import CheckpointError, ConfigError
 

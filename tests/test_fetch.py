@@ -166,7 +166,7 @@ def test_an_evaluation_fetches_the_val_shards_only(served, tmp_path):
     # fetched to evaluate a checkpoint).
     from argparse import Namespace
     from classification import get_config
-    from data.build import build_loader
+    from classification.data import build_loader
     config = get_config(Namespace(cfg=None, opts=['DATA.DATA_PATH', served.url, 'DATA.SHARD_CACHE', str(tmp_path),
                                                   'DATA.NUM_WORKERS', '0', 'DATA.IMG_SIZE', '32', 'DEVICE', 'cpu',
                                                   'DATA.BATCH_SIZE', '4', 'EVAL_MODE', 'True']))

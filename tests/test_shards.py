@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from classification import get_config
-from data.build import ImageFolder, build_loader
+from classification.data import ImageFolder, build_loader
 from data.shards import ShardDataset, ShardSet
-from helpers import ROOT, assert_one_line_error, make_image_folder, run_main, train_args
+from helpers import ROOT, assert_one_line_error, make_image_folder, project_env, run_main, train_args
 from utils import DataError, SampleError
 
 
@@ -138,7 +138,7 @@ def test_an_epoch_over_two_processes_reads_every_sample_at_most_once_and_as_many
     def epoch(data: Path) -> dict:
         proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
                                'tests/loader_driver.py', str(data), '3'], cwd=ROOT, capture_output=True, text=True,
-                              env=dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT)), timeout=300)
+                              env=project_env(OMP_NUM_THREADS='1'), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -13,7 +13,7 @@ import yaml
 
 from classification import get_config
 from config import scaled_lrs
-from helpers import ROOT, TINY_OPTS, make_image_folder, run_main, train_args
+from helpers import ROOT, TINY_OPTS, make_image_folder, project_env, run_main, train_args
 from lr_scheduler import build_scheduler
 from models import build_model, checkpoint_filter_fn
 from optimizer import build_optimizer
@@ -162,8 +162,7 @@ def test_throughput_prints_training_and_inference_rates(tmp_path, flags):
 
 
 MMAPPED_WHILE_HOLDING_64MB = """
-import ctypes, sys, torch
-sys.path.insert(0, {root!r})
+import ctypes, torch
 import utils
 
 class MallInfo2(ctypes.Structure):
@@ -185,8 +184,8 @@ print(before, took, mmapped_mb_while_holding_64mb())
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt')
 def test_cpu_runs_serve_large_blocks_from_the_heap():
-    out = subprocess.run([sys.executable, '-c', MMAPPED_WHILE_HOLDING_64MB.format(root=str(ROOT))],
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, '-c', MMAPPED_WHILE_HOLDING_64MB], env=project_env(), capture_output=True,
+                         text=True, check=True).stdout.split()
     before, took, after = int(out[0]), out[1], int(out[2])
     assert before >= 64, 'glibc should mmap a 64 MB block by default'
     assert took == 'True' and after < 64
@@ -346,7 +345,7 @@ def test_the_imagenet_training_transform_survives_randaugments_strongest_posteri
     # Pillow 13 raises there, which stopped ImageNet training mid-epoch (requirements.txt keeps Pillow < 13).
     from PIL import Image
     from timm.data.auto_augment import RandAugment
-    from data import build_transform
+    from classification.data import build_transform
     transform = build_transform(True, get_config(argparse.Namespace(cfg=str(ROOT / 'configs' / 'fat_b0_224.yaml'),
                                                                    opts=None)))
     rand_augment = next(t for t in transform.transforms if isinstance(t, RandAugment))

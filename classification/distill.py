@@ -23,12 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
-from data import preprocessing
+from models import build_model, checkpoint_filter_fn
+from models.hub import create_from_hub, describe, is_hub_id
 from utils import CheckpointError, ConfigError, data_record, load_checkpoint_file, load_weights
 
-from .build import build_model
-from .fat import checkpoint_filter_fn
-from .hub import create_from_hub, describe, is_hub_id
+from .data import preprocessing
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """Image classification batches through NVIDIA DALI (DATA.LOADER dali): decoding and augmentation in
 DALI pipelines, on the GPU (nvJPEG / the hardware decoder) or, with DEVICE cpu or no CUDA, on the CPU.
 
-The recipe follows timm's ``create_transform`` as data/build.py calls it: random resized crop (fused
+The recipe follows timm's ``create_transform`` as ``data.py`` calls it: random resized crop (fused
 with decoding), resize, horizontal flip, RandAugment or colour jitter, normalisation, and random
 erasing on the batch afterwards (as timm's PrefetchLoader does); evaluation resizes the shorter side
 to IMG_SIZE / TEST.CROP_PCT and centre-crops.
 
-What differs from the PyTorch loader (data/build.py):
+What differs from the PyTorch loader (``data.build_train_loader`` over ``data.py``'s data sets):
 
 * Order. The training reader shuffles with DALI's own schemes (see ``_reader``), not with
   ResumableSampler's permutation, so the two loaders see the epochs in different orders.
@@ -39,7 +39,7 @@ from timm.data.random_erasing import RandomErasing
 
 from utils import ConfigError, DataError, SampleError, UserInputError, rank_world
 
-from .build import preprocessing
+from .data import preprocessing
 
 logger = logging.getLogger(__name__)
 
