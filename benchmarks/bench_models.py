@@ -90,7 +90,10 @@ def cpu_name() -> str:
         return platform.processor() or 'cpu'
 
 
-def build(name: str, mode: str, task: str, device: torch.device, dwconv_impl: str = 'auto') -> torch.nn.Module:
+def build(name: str, mode: str, task: str, device: torch.device, dwconv_impl: str = 'auto', batch_size: int = 1,
+          img_size: int = 224, amp: str = 'none') -> torch.nn.Module:
+    """``name`` in ``mode`` on ``device``, its depthwise-conv kernels chosen for ``batch_size`` images of
+    ``img_size`` under ``amp`` as a run chooses them (``models.choose_kernels``, before any compile)."""
     import timm
     from timm.utils.model import reparameterize_model
 
@@ -113,6 +116,8 @@ def build(name: str, mode: str, task: str, device: torch.device, dwconv_impl: st
         make_literal(model)
     if mode in CHANNELS_LAST_MODES:
         model = model.to(memory_format=torch.channels_last)
+    models.choose_kernels(model, (3, img_size, img_size), batch_size, training=task == 'train', dtype=AMP_DTYPES[amp],
+                          channels_last=mode in CHANNELS_LAST_MODES)
     if mode in ('fused', 'compiled', 'onnxruntime') and task == 'infer':
         model = reparameterize_model(model, inplace=True)
     if mode == 'compiled':
@@ -187,7 +192,7 @@ def measure(name: str, mode: str, task: str, batch_size: int, img_size: int, dev
         from utils import keep_freed_memory
         keep_freed_memory()
     sync = torch.cuda.synchronize if dev.type == 'cuda' else (lambda: None)
-    model = build(name, mode, task, dev, dwconv_impl)
+    model = build(name, mode, task, dev, dwconv_impl, batch_size, img_size, amp)
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     if mode in CHANNELS_LAST_MODES:
         x = x.to(memory_format=torch.channels_last)

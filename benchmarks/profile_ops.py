@@ -86,7 +86,7 @@ def main() -> None:
     print('|' + '|'.join('---' for _ in columns) + '|')
     for name in args.models:
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size).to(memory_format=torch.channels_last)
-        model = build(name, args.mode, 'infer', torch.device('cpu'))
+        model = build(name, args.mode, 'infer', torch.device('cpu'), batch_size=args.batch_size, img_size=args.img_size)
         macs = macs_by_category(getattr(model, '_orig_mod', model), args.img_size)
         wall, seconds = time_by_category(model, x, args.batches)
         conv_rate = macs['convolution'] * args.batch_size / seconds['convolution'] / 1e9

@@ -10,8 +10,9 @@ step). Chosen by ``impl``:
 - ``'auto'``: ours where it is built, passed its first-use self-check on that device and ran
   faster than PyTorch's for the conv's case (``kernels.dwconv.choose``: timed on the device at first
   use, remembered); PyTorch otherwise. :func:`choose_kernels` decides every conv of a model once it
-  is on its device, the same on every process, and installs the choice on each (``chosen``); forward
-  passes only read it. A model used on its own decides each case at its first eager use; under
+  is on its device, the same on every process, and installs the choice on each (``install``:
+  ``chosen``, and where our CPU kernel trains FAT's GELU + conv, the fused module
+  :class:`FusedGeluDepthwiseConv2d`); forward passes only read it. A model used on its own decides each case at its first eager use; under
   torch.compile or torch.export (whose shapes may be symbolic) it follows the measured tables. Ours
   is the ``torch.ops.fat.depthwise_conv2d`` operator, so it stays in ``torch.compile`` graphs.
 - ``'torch'``: always ``F.conv2d``.
@@ -82,42 +83,28 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 @register_notrace_module  # one leaf for FX (feature extraction, quantization): its dispatch is Python
 class DepthwiseConv2d(nn.Conv2d):
-    """Depthwise ``k x k`` convolution with stride ``s``, padding ``k // 2`` and bias.
+    """Depthwise ``k x k`` convolution with stride ``s``, padding ``k // 2`` and bias."""
 
-    With ``gelu_input`` it computes ``conv(a)``, plus ``a`` with ``residual`` (stride 1), where
-    ``a = GELU(x)``: FAT's ConvFFN, where our CPU kernel runs both as one op that stores only ``x``
-    for backward (one activation of 4x the block's width fewer in CPU training).
-    """
-
-    def __init__(self, channels: int, kernel_size: int, stride: int = 1, impl: DwConvImpl = 'auto',
-                 gelu_input: bool = False, residual: bool = False):
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, impl: DwConvImpl = 'auto'):
         if kernel_size % 2 != 1:
             raise ValueError(f'depthwise kernel size must be odd, got {kernel_size}')
-        if residual and stride != 1:
-            raise ValueError(f'a residual depthwise conv needs stride 1, got {stride}')
         super().__init__(channels, channels, kernel_size, stride, kernel_size // 2, groups=channels, bias=True)
         self.impl = check_impl(impl)
-        self.gelu_input = gelu_input
-        self.residual = residual
         # With 'auto': whether ours runs in training ('train') and inference ('infer'), as
         # choose_kernels decided for this conv; decided per case at first use where empty.
         self.chosen: Dict[str, bool] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.gelu_input and self._fused_on_cpu(x):
-            return _kernels().gelu_depthwise_conv2d(x, self.weight, self.bias, self.stride[0], self.residual)
-        a = F.gelu(x) if self.gelu_input else x
-        if not torch.jit.is_scripting() and self._use_extension(a):
-            y = self._extension_conv(a)
-        else:
-            y = F.conv2d(a, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
-        return y + a if self.residual else y
+        return self._conv(x)
 
-    @torch.jit.unused
-    def _fused_on_cpu(self, x: torch.Tensor) -> bool:
-        """GELU and the conv as our one CPU op: eager CPU training where our kernel is chosen."""
-        return (not is_fx_symbolic_tracing() and not x.is_cuda and not torch.compiler.is_compiling()
-                and self._use_extension(x))
+    def install(self, chosen: Dict[str, bool]) -> None:
+        """Take ``choose_kernels``' decision for this conv."""
+        self.chosen = dict(chosen)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._use_extension(x):
+            return self._extension_conv(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
 
     @torch.jit.unused
     def _extension_conv(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,8 +141,55 @@ class DepthwiseConv2d(nn.Conv2d):
         return _extension_chosen(x.device, k, s, dtype, layout, tuple(x.shape), backward)
 
     def extra_repr(self) -> str:
-        extra = f', impl={self.impl}' + ', gelu_input=True' * self.gelu_input + ', residual=True' * self.residual
-        return super().extra_repr() + extra
+        return super().extra_repr() + f', impl={self.impl}'
+
+
+@register_notrace_module
+class GeluDepthwiseConv2d(DepthwiseConv2d):
+    """``conv(a)``, plus ``a`` with ``residual`` (stride 1), where ``a = GELU(x)``: the middle of FAT's
+    ConvFFN. Where our CPU kernel is chosen for its training, ``install`` makes it a
+    :class:`FusedGeluDepthwiseConv2d`."""
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, impl: DwConvImpl = 'auto',
+                 residual: bool = False):
+        if residual and stride != 1:
+            raise ValueError(f'a residual depthwise conv needs stride 1, got {stride}')
+        super().__init__(channels, kernel_size, stride, impl)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gelu_conv(x)
+
+    def install(self, chosen: Dict[str, bool]) -> None:
+        """Take ``choose_kernels``' decision, as the fused module where ours trains on the CPU."""
+        self.chosen = dict(chosen)
+        fused = self.weight.device.type == 'cpu' and self.chosen.get('train', False)
+        self.__class__ = FusedGeluDepthwiseConv2d if fused else GeluDepthwiseConv2d
+
+    def _gelu_conv(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.gelu(x)
+        y = self._conv(a)
+        return y + a if self.residual else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ', residual=True' * self.residual
+
+
+@register_notrace_module
+class FusedGeluDepthwiseConv2d(GeluDepthwiseConv2d):
+    """:class:`GeluDepthwiseConv2d` as our one CPU op in eager training: it stores only ``x`` for
+    backward (one activation of 4x the block's width fewer). Elsewhere (inference, CUDA,
+    ``torch.compile``, FX, TorchScript) it runs unfused. ``choose_kernels`` installs it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._runs_fused(x):
+            return _kernels().gelu_depthwise_conv2d(x, self.weight, self.bias, self.stride[0], self.residual)
+        return self._gelu_conv(x)
+
+    @torch.jit.unused
+    def _runs_fused(self, x: torch.Tensor) -> bool:
+        return (not is_fx_symbolic_tracing() and not x.is_cuda and not torch.compiler.is_compiling()
+                and self._use_extension(x))
 
 
 def check_impl(impl: str) -> str:
@@ -167,8 +201,13 @@ def check_impl(impl: str) -> str:
 
 def create_dwconv(channels: int, kernel_size: int, stride: int = 1, impl: DwConvImpl = 'auto',
                   gelu_input: bool = False, residual: bool = False) -> DepthwiseConv2d:
-    """Make a depthwise conv; the single factory every FAT layer uses."""
-    return DepthwiseConv2d(channels, kernel_size, stride, impl, gelu_input, residual)
+    """Make a depthwise conv, of ``GELU(x)`` (plus its residual) with ``gelu_input``; the single
+    factory every FAT layer uses."""
+    if gelu_input:
+        return GeluDepthwiseConv2d(channels, kernel_size, stride, impl, residual)
+    if residual:
+        raise ValueError('a residual depthwise conv is one of GELU(x): gelu_input=True')
+    return DepthwiseConv2d(channels, kernel_size, stride, impl)
 
 
 def set_dwconv_impl(model: nn.Module, impl: DwConvImpl) -> nn.Module:
@@ -200,7 +239,7 @@ def choose_kernels(model: nn.Module, input_shape: Tuple[int, ...], batch_size: i
     if not convs or kernels is None:
         return ''
     for conv in convs:
-        conv.chosen = {'train': False, 'infer': False}  # PyTorch's while the cases are recorded
+        conv.install({'train': False, 'infer': False})  # PyTorch's while the cases are recorded
     seen = _record_inputs(entry or model, convs, input_shape, channels_last, dtype)
     device = convs[0].weight.device
     cases = {}
@@ -232,8 +271,9 @@ def choose_kernels(model: nn.Module, input_shape: Tuple[int, ...], batch_size: i
         usable = [all(flags) for flags in zip(*everywhere)]
     for case, ok in zip(ours, usable):
         ours_by_case[case.key()] = ok
-    for (conv, mode), case in cases.items():
-        conv.chosen[mode] = ours_by_case[case.key()]
+    for conv in seen:
+        conv.install({'train': False, 'infer': False,
+                      **{mode: ours_by_case[case.key()] for (of, mode), case in cases.items() if of is conv}})
     if rank != 0:
         return ''
     counts = ', '.join(f'{sum(conv.chosen[mode] for conv in seen)} of {len(seen)} for {name}'

@@ -148,8 +148,8 @@ class FASA(nn.Module):
 class ConvFFN(nn.Module):
     """1x1 expand, GELU, depthwise 5x5 (residual at stride 1, strided at 2), BatchNorm, 1x1 project.
 
-    GELU, the depthwise conv and its residual are one module (``DepthwiseConv2d`` with ``gelu_input``),
-    which in CPU training keeps one activation fewer for backward.
+    GELU, the depthwise conv and its residual are one module (``GeluDepthwiseConv2d``), which
+    ``choose_kernels`` makes one CPU op where our kernel trains it: one activation fewer for backward.
     """
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: int, kernel_size: int, stride: int):

@@ -2,7 +2,6 @@
 on CPU, where the decision has the GPU's shape: our weight-gradient kernel against oneDNN's."""
 import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,8 +15,8 @@ from kernels import dwconv
 from kernels.dwconv import Case, autotune
 from kernels.dwconv import build as dwconv_build
 import models
+from helpers import ROOT, project_env
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device('cpu')
 TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), num_classes=4)
 
@@ -193,11 +192,17 @@ def test_choose_kernels_installs_a_choice_per_conv_from_its_recorded_case(tuning
     assert ours and all((c.kernel_size[0], c.stride[0]) == (5, 2) for c in ours)
     assert any(key.startswith('k5s2 float32 channels_last') for key in decisions)
     assert f'ours in {len(ours)} of {len(convs)} for training, 0 of {len(convs)} for inference' in line
+    # the ConvFFN's GELU + conv becomes the fused module where ours trains it, and only there
+    fused = [conv for conv in convs if isinstance(conv, models.dwconv.FusedGeluDepthwiseConv2d)]
+    assert fused and set(fused) == {conv for conv in ours if isinstance(conv, models.dwconv.GeluDepthwiseConv2d)}
     # the forward runs what was installed, also where the file now says otherwise for the case
     x = torch.randn(2, ours[0].in_channels, 9, 9, requires_grad=True).to(memory_format=torch.channels_last)
     assert ours[0]._use_extension(x)
     models.set_dwconv_impl(model, 'torch')
     assert not ours[0]._use_extension(x)
+    models.set_dwconv_impl(model, 'auto')
+    models.choose_kernels(model, (3, 64, 48), 6, training=False, channels_last=True)  # inference: never fused
+    assert not any(isinstance(conv, models.dwconv.FusedGeluDepthwiseConv2d) for conv in convs)
 
 
 @pytest.mark.parametrize('chosen', [True, False])
@@ -255,9 +260,9 @@ def test_every_process_runs_the_kernels_rank_0_chose(tmp_path):
     """Rank 0 decides for all; a case whose self-check fails on any process runs PyTorch's on all."""
     script = tmp_path / 'ranks.py'
     script.write_text(RANKS)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS='1', **{autotune.BUDGET_VARIABLE: '0'})
+    env = project_env(OMP_NUM_THREADS='1', **{autotune.BUDGET_VARIABLE: '0'})
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                           str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     chosen = {(what, rank): json.loads((tmp_path / f'{what}{rank}.json').read_text())
               for what in ('chosen', 'vetoed') for rank in (0, 1)}

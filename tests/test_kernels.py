@@ -67,8 +67,10 @@ def extension(tmp_path_factory):
 
 
 @pytest.fixture
-def fresh_state(monkeypatch):
-    """Forget the process-wide build and self-check results for the duration of a test."""
+def fresh_state(monkeypatch, tmp_path):
+    """Forget the process-wide build and self-check results, and the tuning decisions of earlier tests
+    (a remembered case is not self-checked again), for the duration of a test."""
+    monkeypatch.setenv(dwconv.autotune.FOLDER_VARIABLE, str(tmp_path / 'decisions'))
     monkeypatch.setattr(dwconv_build, '_loaded', {})
     monkeypatch.setattr(dwconv, '_usable', {})
     monkeypatch.setattr(dwconv.autotune, '_tuners', {})

@@ -392,7 +392,7 @@ def run_ours(model: nn.Module) -> nn.Module:
     (on CPU only training can run it)."""
     for module in model.modules():
         if isinstance(module, models.DepthwiseConv2d):
-            module.chosen = {'train': True, 'infer': True}
+            module.install({'train': True, 'infer': True})
     return model
 
 
