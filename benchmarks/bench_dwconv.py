@@ -15,10 +15,10 @@ bias) are from PyTorch's: max |ours - theirs| / max |theirs|, flagged above a pe
 compared with TF32 off; the timings keep PyTorch's defaults, as training does). On CPU ours differs
 only in the weight and bias gradients (fp32).
 
-    python benchmarks/bench_dwconv.py                       # fp16, bf16, fp32; NCHW and channels_last
-    python benchmarks/bench_dwconv.py --dtype bf16 --layout channels_last --quick
-    python benchmarks/bench_dwconv.py --variants fat_b0 --large-kernels 7 31 --json rows.jsonl
-    python benchmarks/bench_dwconv.py --device cpu --variants fat_b0 --large-kernels --layout channels_last
+    python -m benchmarks.bench_dwconv                       # fp16, bf16, fp32; NCHW and channels_last
+    python -m benchmarks.bench_dwconv --dtype bf16 --layout channels_last --quick
+    python -m benchmarks.bench_dwconv --variants fat_b0 --large-kernels 7 31 --json rows.jsonl
+    python -m benchmarks.bench_dwconv --device cpu --variants fat_b0 --large-kernels --layout channels_last
 
 The table's last column says whether MODEL.DWCONV_IMPL 'auto' picks ours (kernels.dwconv.preferred):
 where it says yes, the fwd+bwd ratio must be at least 1. After the table, per layout and for all
@@ -41,7 +41,8 @@ from typing import Callable, Dict, Iterator, List, Sequence
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file, the project's modules would not be importable
+    sys.exit('run it from the repository root as: python -m benchmarks.bench_dwconv ...')
 
 from benchmarks.bench_models import FAT_MODELS, cpu_name  # noqa: E402
 

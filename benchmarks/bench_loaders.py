@@ -46,10 +46,10 @@ os.times, which misses live workers). So the table gives:
                            (``--target-rate``), if throughput grows linearly with cores; compare the
                            rows at 1 worker and at all cores to see how far it does
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_loaders.py                      # workers 1 and all cores
-    OMP_NUM_THREADS=1 python benchmarks/bench_loaders.py --quick              # smoke test (200 images, ~2 min)
-    OMP_NUM_THREADS=1 python benchmarks/bench_loaders.py --workers 1 4 8 16 --seconds 30 --json loaders.json
-    OMP_NUM_THREADS=1 python benchmarks/bench_loaders.py --loaders dali-cpu dali-cpu-shards --workers 8
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_loaders                      # workers 1 and all cores
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_loaders --quick              # smoke test (200 images, ~2 min)
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_loaders --workers 1 4 8 16 --seconds 30 --json loaders.json
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_loaders --loaders dali-cpu dali-cpu-shards --workers 8
 """
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ from pathlib import Path
 from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file, the project's modules would not be importable
+    sys.exit('run it from the repository root as: python -m benchmarks.bench_loaders ...')
 
 # The FAT-B0 training rate on one H100 that the loaders must keep up with: benchmarks/README.md, "End to
 # end: FAT-B0 training step on the H100" (batch 128, 224 px, AMP bf16, MODEL.DWCONV_IMPL cuda: 1722.2 img/s).
@@ -394,7 +395,7 @@ def _worker(spec: dict) -> None:
 def run_measurement(spec: dict, timeout: float) -> dict:
     """``spec`` measured in a fresh subprocess (its own session, so that a hung one is killed with its
     workers); a crash, a hang or no result line becomes the result's ``error``."""
-    cmd = [sys.executable, __file__, '--worker', json.dumps(spec)]
+    cmd = [sys.executable, '-m', 'benchmarks.bench_loaders', '--worker', json.dumps(spec)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                             start_new_session=True)
     try:

@@ -29,15 +29,15 @@ scaling). ``--dwconv-impl torch cuda`` measures each FAT model once per depthwis
 (benchmarks/literal_fat.py), NCHW eager only. At batch 1 the table gives each mode's latency too.
 
 Usage:
-    python benchmarks/bench_models.py                                  # inference table, CPU ~25 min
-    python benchmarks/bench_models.py --task train --models fat_b0 fat_b0_literal --modes eager compiled
-    python benchmarks/bench_models.py --task train --models fat_b0_literal fat_b0 --modes channels_last --repeat 5
-    python benchmarks/bench_models.py --models fat_b0 --batch-size 1 --img-size 1024 --modes channels_last
-    python benchmarks/bench_models.py --models fat_b0 fastvit_t8 --modes fused compiled onnxruntime \\
+    python -m benchmarks.bench_models                                  # inference table, CPU ~25 min
+    python -m benchmarks.bench_models --task train --models fat_b0 fat_b0_literal --modes eager compiled
+    python -m benchmarks.bench_models --task train --models fat_b0_literal fat_b0 --modes channels_last --repeat 5
+    python -m benchmarks.bench_models --models fat_b0 --batch-size 1 --img-size 1024 --modes channels_last
+    python -m benchmarks.bench_models --models fat_b0 fastvit_t8 --modes fused compiled onnxruntime \\
         --batch-size 1 32 --dwconv-impl torch --repeat 2                     # deploying on CPU
-    python benchmarks/bench_models.py --models fat_b0 fastvit_t8 --modes compiled \\
+    python -m benchmarks.bench_models --models fat_b0 fastvit_t8 --modes compiled \\
         --img-size 224 384 512 768 1024 --batch-size 1 --plot resolution.png
-    python benchmarks/bench_models.py --task train --amp bf16 --batch-size 128 --models fat_b0 fastvit_t8 \\
+    python -m benchmarks.bench_models --task train --amp bf16 --batch-size 128 --models fat_b0 fastvit_t8 \\
         --modes channels_last --dwconv-impl torch cuda --share-process         # GPU
 """
 from __future__ import annotations
@@ -61,7 +61,8 @@ import torch._inductor.config
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file, the project's modules would not be importable
+    sys.exit('run it from the repository root as: python -m benchmarks.bench_models ...')
 
 FAT_MODELS = ['fat_b0', 'fat_b1', 'fat_b2', 'fat_b3']
 # timm models of similar ImageNet top-1: issue #2's set, then #6's additions
@@ -74,6 +75,7 @@ INFERENCE_MODES = ('fused', 'onnxruntime')
 ORT_TOLERANCE = 1e-4  # max |ONNX Runtime logits - PyTorch logits| (fp32) above which a result is flagged
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 LITERAL_SUFFIX = '_literal'
+WORKER = [sys.executable, '-m', 'benchmarks.bench_models']  # a measurement process, run from the repository root
 RESULT_PREFIX = 'RESULT '  # marks a worker's result lines among whatever else it prints
 
 
@@ -269,7 +271,7 @@ def run_measurements(specs: List[dict], task: str, device: str, min_seconds: flo
     pending = list(specs)
     while pending:
         batch = pending if share_process else pending[:1]
-        cmd = [sys.executable, __file__, '--worker', json.dumps(batch), '--task', task, '--device', device,
+        cmd = [*WORKER, '--worker', json.dumps(batch), '--task', task, '--device', device,
                '--min-seconds', str(min_seconds), '--threads', str(threads), '--malloc', malloc, '--amp', amp]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         done, reported_failure, last_line = 0, False, 'failed'

@@ -1,8 +1,8 @@
 """Everything a GPU can tell us about this project, measured by one command into one report.
 
-    python benchmarks/gpu_report.py --out /tmp/report                    # every part
-    python benchmarks/gpu_report.py --out /tmp/report --part kernels sanitizer dwconv train throughput
-    python benchmarks/gpu_report.py --tiny --out /tmp/tiny              # without a GPU: tiny sizes on CPU
+    python -m benchmarks.gpu_report --out /tmp/report                    # every part
+    python -m benchmarks.gpu_report --out /tmp/report --part kernels sanitizer dwconv train throughput
+    python -m benchmarks.gpu_report --tiny --out /tmp/tiny              # without a GPU: tiny sizes on CPU
 
 Parts, run in this order (``--part`` picks several; default all):
 
@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file, the project's modules would not be importable
+    sys.exit('run it from the repository root as: python -m benchmarks.gpu_report ...')
 
 PARTS = ['kernels', 'sanitizer', 'dwconv', 'infer', 'train', 'throughput', 'loaders']
 # timm models beside FAT in infer and train (issue 14; bench_models.PEERS is the CPU tables' set)
@@ -159,7 +160,7 @@ class Run:
     def ensure_extension(self) -> dict:
         """Build (or load the cached build of) the CUDA extension in a fresh process, once per run."""
         if self.extension is None:
-            result = run_streamed([sys.executable, __file__, '--worker', 'extension'], self.args.part_timeout)
+            result = run_streamed([sys.executable, '-m', 'benchmarks.gpu_report', '--worker', 'extension'], self.args.part_timeout)
             found = [line for line in result['lines'] if line.startswith(RESULT_PREFIX)]
             self.extension = (json.loads(found[-1][len(RESULT_PREFIX):]) if found else
                               dict(built=False, usable=False, seconds=result['seconds'],
@@ -243,7 +244,7 @@ def part_sanitizer(run: Run) -> Part:
 
     cases = sanitizer_cases(run)
     expected = len(cases) * (2 if run.gpu else 1) * len(SELF_CHECK_SHAPES)  # fp16 and bf16 on a GPU, else fp32
-    worker = [sys.executable, __file__, '--worker', 'sanitizer-cases', '--cases', json.dumps(cases)]
+    worker = [sys.executable, '-m', 'benchmarks.gpu_report', '--worker', 'sanitizer-cases', '--cases', json.dumps(cases)]
     tool = sanitizer_path()
     if not run.gpu or not tool:
         # Still run the case script (on CPU in fp32, or on the GPU without a sanitizer) so it cannot rot.
@@ -288,7 +289,7 @@ def part_dwconv(run: Run) -> Part:
     from benchmarks import bench_dwconv
 
     args, sizes, rows_file = run.args, run.sizes, run.jsonl('dwconv')
-    cmd = [sys.executable, 'benchmarks/bench_dwconv.py', '--device', run.device, '--img-size', str(args.img_size),
+    cmd = [sys.executable, '-m', 'benchmarks.bench_dwconv', '--device', run.device, '--img-size', str(args.img_size),
            '--batch', str(sizes['dwconv_batch']), '--iters', str(args.dwconv_iters), '--margin', str(args.margin),
            '--dtype', *args.dwconv_dtypes, '--layout', *args.dwconv_layouts, '--variants', *args.variants,
            '--large-kernels', *map(str, sizes['large_kernels']), '--json', str(rows_file)]
@@ -396,7 +397,7 @@ def part_throughput(run: Run) -> Part:
 
 
 def part_loaders(run: Run) -> Part:
-    cmd = [sys.executable, 'benchmarks/bench_loaders.py', '--json', str(run.out / 'loaders.json')]
+    cmd = [sys.executable, '-m', 'benchmarks.bench_loaders', '--json', str(run.out / 'loaders.json')]
     if run.args.tiny:  # the script's own paths, in seconds: the images, the shards, one loader
         cmd += ['--quick', '--images', '40', '--seconds', '1', '--workers', '1', '--loaders', 'shards', 'dali-mixed',
                 '--cache', str(run.out / 'loader_data')]
@@ -502,7 +503,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.amp = 'bf16' if device == 'cuda' else 'none'
     args.out.mkdir(parents=True, exist_ok=True)
     args.part = [name for name in PARTS if name in args.part]
-    run = Run(args, sizes, device, ' '.join(['python', 'benchmarks/gpu_report.py'] + (sys.argv[1:] if argv is None
+    run = Run(args, sizes, device, ' '.join(['python', '-m', 'benchmarks.gpu_report'] + (sys.argv[1:] if argv is None
                                                                                        else argv)))
     print('\n'.join(f'{key}: {value}' for key, value in run.header.items()), flush=True)
     run.write()

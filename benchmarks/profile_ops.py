@@ -9,8 +9,8 @@ each model's convolutions reach. That answers whether a model is slow because it
 because its work runs less efficiently.
 
 Usage:
-    python benchmarks/profile_ops.py                                # fat_b0, fastvit_t8, repvit_m0_9
-    python benchmarks/profile_ops.py --models fat_b1 edgenext_small --mode fused
+    python -m benchmarks.profile_ops                                # fat_b0, fastvit_t8, repvit_m0_9
+    python -m benchmarks.profile_ops --models fat_b1 edgenext_small --mode fused
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file, the project's modules would not be importable
+    sys.exit('run it from the repository root as: python -m benchmarks.profile_ops ...')
 
 from benchmarks.bench_models import build, cpu_name  # noqa: E402
 from models.flops import macs_by_op  # noqa: E402

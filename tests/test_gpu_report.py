@@ -30,7 +30,7 @@ def tiny_report(tmp_path_factory):
     """Run ``gpu_report.py --tiny`` once (about 40 s on 2 CPU cores); its folder and report.json."""
     out = tmp_path_factory.mktemp('gpu_report')
     env = dict(os.environ, OMP_NUM_THREADS='1')  # a 2-core machine shared with the rest of the suite
-    proc = subprocess.run([sys.executable, 'benchmarks/gpu_report.py', '--tiny', '--out', str(out), '--part', *PARTS],
+    proc = subprocess.run([sys.executable, '-m', 'benchmarks.gpu_report', '--tiny', '--out', str(out), '--part', *PARTS],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / 'report.json').read_text())
@@ -155,7 +155,7 @@ def test_a_dying_worker_costs_only_the_measurement_it_was_on(tmp_path, monkeypat
                     "specs = json.loads(sys.argv[sys.argv.index('--worker') + 1])\n"
                     "print('RESULT ' + json.dumps(dict(specs[0], img_s=1.0)), flush=True)\n"
                     'os.kill(os.getpid(), signal.SIGSEGV)\n')
-    monkeypatch.setattr(bench_models, '__file__', str(fake))
+    monkeypatch.setattr(bench_models, 'WORKER', [sys.executable, str(fake)])
     specs = [dict(model=name, mode='eager', batch=1, img=32, dwconv_impl='auto') for name in 'abcde']
     results = list(bench_models.run_measurements(specs, 'infer', 'cpu', 0, 1, 'heap', share_process=True))
     assert [r['model'] for r in results] == list('abcde')
