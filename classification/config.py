@@ -96,7 +96,8 @@ def recipe_defaults(variant: str) -> CN:
 
 def check_config(config: CN) -> None:
     """What classification's keys may not combine to (ConfigError): --reparam in training, a
-    distillation without a teacher or with ALPHA, TAU out of range."""
+    distillation without a teacher or with ALPHA, TAU out of range, settings DATA.LOADER dali cannot
+    follow."""
     if config.REPARAM and not (config.EVAL_MODE or config.THROUGHPUT_MODE or config.EXPORT):
         raise ConfigError('REPARAM (--reparam) folds the BatchNorms for --eval, --export or --throughput; '
                           'a training run cannot use it')
@@ -107,3 +108,6 @@ def check_config(config: CN) -> None:
     if not 0 <= distill.ALPHA <= 1 or distill.TAU <= 0:
         raise ConfigError(f'DISTILL.ALPHA is {distill.ALPHA} and DISTILL.TAU {distill.TAU}: ALPHA lies in [0, 1] '
                           'and TAU is positive')
+    if config.DATA.LOADER == 'dali':
+        from .dali import check_settings  # they need no DALI installed
+        check_settings(config)

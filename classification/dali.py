@@ -547,7 +547,12 @@ def build_dali_loaders(config, train, val) -> Tuple[DaliTrainLoader, DaliEvalLoa
     _require_dali()
     gpu = config.DEVICE != 'cpu' and torch.cuda.is_available()
     device_id = torch.cuda.current_device() if gpu else None
-    # Settings DALI cannot follow stop the run here rather than at the first batch.
+    return DaliTrainLoader(config, train, device_id), DaliEvalLoader(config, val, device_id)
+
+
+def check_settings(config) -> None:
+    """The settings DALI's pipelines cannot follow, as a ConfigError (``classification.check_config``
+    calls it with the config, before any data is read; it needs no DALI installed)."""
     if config.DATA.SKIP_CORRUPT:
         raise ConfigError('DATA.SKIP_CORRUPT cannot be followed by DATA.LOADER dali: DALI stops at an image it cannot '
                           'decode and does not say which; use DATA.LOADER torch to skip (and count) unreadable images')
@@ -556,4 +561,3 @@ def build_dali_loaders(config, train, val) -> Tuple[DaliTrainLoader, DaliEvalLoa
                           f'dali use {", ".join(INTERPOLATIONS)}')
     if config.AUG.AUTO_AUGMENT != 'none':
         RandAugmentPolicy.parse(config.AUG.AUTO_AUGMENT)
-    return DaliTrainLoader(config, train, device_id), DaliEvalLoader(config, val, device_id)

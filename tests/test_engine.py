@@ -111,3 +111,14 @@ def test_training_data_that_is_no_train_loader_is_refused_naming_the_interface()
     task = Namespace(session=Namespace(device=torch.device('cpu'), logger=None), config=None)
     with pytest.raises(TypeError, match=r'Namespace.build_data gave a list .* engine.TrainLoader'):
         engine.Trainer(task, engine.TaskData([(torch.zeros(1), torch.zeros(1))], [], {}, 'list'), net())
+
+
+@pytest.mark.parametrize('opts,message', [(['DATA.SKIP_CORRUPT', 'True'], 'DATA.SKIP_CORRUPT cannot be followed'),
+                                          (['AUG.AUTO_AUGMENT', 'augmix-m5'], 'supports RandAugment policies'),
+                                          (['DATA.INTERPOLATION', 'box'], 'has no DALI counterpart')])
+def test_settings_dali_cannot_follow_are_refused_with_the_config(opts, message):
+    """Before any data is read, and without DALI installed; the PyTorch loader takes them."""
+    from utils import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        get_config(Namespace(cfg=None, opts=['DATA.LOADER', 'dali', *opts]))
+    get_config(Namespace(cfg=None, opts=['DATA.LOADER', 'torch', *opts]))
