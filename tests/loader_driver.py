@@ -1,6 +1,6 @@
 """One training epoch of main.py's data under torchrun, identified by content: every process reads its
-share through ``data.build_loader`` and prints the sorted sample fingerprints (a hash of the decoded
-pixels) with their labels, gathered on rank 0, as one JSON line. Used by test_shards.py:
+share through ``classification.data.build_loader`` and prints the sorted sample fingerprints (a hash
+of the decoded pixels) with their labels, gathered on rank 0, as one JSON line. Used by test_shards.py:
 
     PYTHONPATH=. torchrun --nproc_per_node 2 tests/loader_driver.py DATA_PATH BATCH_SIZE [KEY VALUE ...]
 """

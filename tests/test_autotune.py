@@ -132,6 +132,15 @@ def test_runs_on_one_machine_adopt_its_decisions_and_each_keeps_its_own(tuning):
     autotune.reset()
     resumed, untimed = autotune.tuner(CPU, str(tuning / 'run1')), counting(cheap)
     assert resumed.decide(CASE, untimed, lambda: True, lambda: False) is True and untimed.calls == 0
+    # a timing that failed (out of memory beside another job, say) is that run's: the machine times it again
+    other = CASE.__class__(**{**CASE.__dict__, 'shape': (2, 16, 28, 28)})
+
+    def failing(*args):
+        raise RuntimeError('out of memory')
+    assert autotune.tuner(CPU, str(tuning / 'run3')).decide(other, failing, lambda: True, lambda: False) is False
+    later = counting(cheap)
+    assert autotune.tuner(CPU, str(tuning / 'run4')).decide(other, later, lambda: True, lambda: False) is True
+    assert later.calls > 0
 
 
 def test_a_remembered_choice_of_ours_still_needs_this_process_self_check(tuning):

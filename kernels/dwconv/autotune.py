@@ -8,7 +8,8 @@ untouched) and the faster is kept: in the process, and in a JSON file for this d
 The identity covers what the timings depend on: the device's name, torch, CUDA and cuDNN (on CPU: the CPU, torch, our library's
 build and the thread count) and our kernels' sources. So later runs on the machine choose the same
 kernels without timing. A training run also keeps the decisions it used in its own folder (so its
-resumes, on any node, run them), adopting the machine's where they exist. The first decision written
+resumes, on any node, run them), adopting the machine's where they exist and adding its own there
+(except a timing that failed: that may be the run's alone). The first decision written
 for a case stands: a process that timed it at the same time adopts the file's.
 
 Bounded: at most ``FAT_DWCONV_TUNE_SECONDS`` (default 5) of timing per process and device, about
@@ -178,7 +179,7 @@ class Tuner:
                         return False
                     if entry is None:
                         entry = self._time(case, ours) if self.stats.seconds < self.budget else self._untimed(table())
-                        if self.machine:
+                        if self.machine and not entry.get('failed'):  # a failure may be this run's alone
                             entry = self.machine._remember(key, entry)
                     entry = self._remember(key, entry)
                 self._decided[case] = entry['ours'] and usable()
