@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a file, the project's modules would not be importable
     sys.exit('run it from the repository root as: python -m benchmarks.gpu_report ...')
 
+WORKER = [sys.executable, '-m', 'benchmarks.gpu_report']  # this script in a fresh process, from the root
 PARTS = ['kernels', 'sanitizer', 'dwconv', 'infer', 'train', 'throughput', 'loaders']
 # timm models beside FAT in infer and train (issue 14; bench_models.PEERS is the CPU tables' set)
 REPORT_PEERS = ['fastvit_t8', 'fastvit_t12', 'repvit_m0_9', 'repvit_m1_1', 'efficientformerv2_s1', 'edgenext_small',
@@ -160,7 +161,7 @@ class Run:
     def ensure_extension(self) -> dict:
         """Build (or load the cached build of) the CUDA extension in a fresh process, once per run."""
         if self.extension is None:
-            result = run_streamed([sys.executable, '-m', 'benchmarks.gpu_report', '--worker', 'extension'], self.args.part_timeout)
+            result = run_streamed([*WORKER, '--worker', 'extension'], self.args.part_timeout)
             found = [line for line in result['lines'] if line.startswith(RESULT_PREFIX)]
             self.extension = (json.loads(found[-1][len(RESULT_PREFIX):]) if found else
                               dict(built=False, usable=False, seconds=result['seconds'],
@@ -244,7 +245,7 @@ def part_sanitizer(run: Run) -> Part:
 
     cases = sanitizer_cases(run)
     expected = len(cases) * (2 if run.gpu else 1) * len(SELF_CHECK_SHAPES)  # fp16 and bf16 on a GPU, else fp32
-    worker = [sys.executable, '-m', 'benchmarks.gpu_report', '--worker', 'sanitizer-cases', '--cases', json.dumps(cases)]
+    worker = [*WORKER, '--worker', 'sanitizer-cases', '--cases', json.dumps(cases)]
     tool = sanitizer_path()
     if not run.gpu or not tool:
         # Still run the case script (on CPU in fp32, or on the GPU without a sanitizer) so it cannot rot.

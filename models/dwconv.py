@@ -162,7 +162,7 @@ class GeluDepthwiseConv2d(DepthwiseConv2d):
 
     def install(self, chosen: Dict[str, bool]) -> None:
         """Take ``choose_kernels``' decision, as the fused module where ours trains on the CPU."""
-        self.chosen = dict(chosen)
+        super().install(chosen)
         fused = self.weight.device.type == 'cpu' and self.chosen.get('train', False)
         self.__class__ = FusedGeluDepthwiseConv2d if fused else GeluDepthwiseConv2d
 

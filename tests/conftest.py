@@ -23,6 +23,18 @@ def tuning_decisions(tmp_path_factory):
 
 
 @pytest.fixture
+def fresh_state(monkeypatch, tmp_path):
+    """Forget the process-wide kernel builds, self-check results and tuners, and the tuning decisions
+    of earlier tests (a remembered case is not self-checked again), for the duration of a test."""
+    from kernels import dwconv
+    from kernels.dwconv import autotune, build
+    monkeypatch.setenv(autotune.FOLDER_VARIABLE, str(tmp_path / 'decisions'))
+    monkeypatch.setattr(build, '_loaded', {})
+    monkeypatch.setattr(dwconv, '_usable', {})
+    monkeypatch.setattr(autotune, '_tuners', {})
+
+
+@pytest.fixture
 def saved_bytes():
     """``saved_bytes(fn, *args)``: the bytes autograd keeps for backward while ``fn(*args)`` runs."""
     def measure(fn, *args) -> int:

@@ -13,7 +13,6 @@ import torch
 
 from kernels import dwconv
 from kernels.dwconv import Case, autotune
-from kernels.dwconv import build as dwconv_build
 import models
 from helpers import ROOT, project_env
 
@@ -22,15 +21,11 @@ TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), num_heads=(1, 1, 1,
 
 
 @pytest.fixture
-def tuning(monkeypatch, tmp_path):
-    """A fresh build folder (so a fresh decisions file) and no build, self-check or tuner from earlier
-    tests (a test that refused a build folder leaves the CPU library unloaded for the process)."""
+def tuning(fresh_state, monkeypatch, tmp_path):
+    """``fresh_state`` with a fresh build folder (a test that refused a build folder leaves the CPU
+    library unloaded for the process) and the default budget."""
     monkeypatch.setenv('FAT_KERNELS_BUILD_DIR', str(tmp_path))
-    monkeypatch.setenv(autotune.FOLDER_VARIABLE, str(tmp_path / 'decisions'))
     monkeypatch.delenv(autotune.BUDGET_VARIABLE, raising=False)
-    monkeypatch.setattr(dwconv_build, '_loaded', {})
-    monkeypatch.setattr(autotune, '_tuners', {})
-    monkeypatch.setattr(dwconv, '_usable', {})
     return tmp_path
 
 

@@ -66,16 +66,6 @@ def extension(tmp_path_factory):
     return module
 
 
-@pytest.fixture
-def fresh_state(monkeypatch, tmp_path):
-    """Forget the process-wide build and self-check results, and the tuning decisions of earlier tests
-    (a remembered case is not self-checked again), for the duration of a test."""
-    monkeypatch.setenv(dwconv.autotune.FOLDER_VARIABLE, str(tmp_path / 'decisions'))
-    monkeypatch.setattr(dwconv_build, '_loaded', {})
-    monkeypatch.setattr(dwconv, '_usable', {})
-    monkeypatch.setattr(dwconv.autotune, '_tuners', {})
-
-
 def reference_op(x, w, b, stride):
     """F.conv2d as autocast runs it: the parameters cast to the input's dtype."""
     return F.conv2d(x, w.to(x.dtype), None if b is None else b.to(x.dtype), stride, w.shape[-1] // 2, 1, x.shape[1])

@@ -168,22 +168,26 @@ class Tuner:
         """Whether ``ours`` runs ``case``: as remembered (here, else in ``machine``'s file, then
         copied here), else as timed against PyTorch's (``table()`` once the budget is spent), then
         remembered in both; never where ``usable()`` (our kernels' self-check in this process) fails."""
-        key = case.key()
         with self._lock:
             if case not in self._decided:
-                entry = self._read().get(key)
-                if entry is None:
-                    entry = self.machine._read().get(key) if self.machine else None
-                    if entry is None and not usable():  # not remembered: the self-check is this process's
-                        self._decided[case] = False
-                        return False
-                    if entry is None:
-                        entry = self._time(case, ours) if self.stats.seconds < self.budget else self._untimed(table())
-                        if self.machine and not entry.get('failed'):  # a failure may be this run's alone
-                            entry = self.machine._remember(key, entry)
-                    entry = self._remember(key, entry)
-                self._decided[case] = entry['ours'] and usable()
+                entry = self._read().get(case.key()) or self._adopted_or_new(case, ours, usable, table)
+                self._decided[case] = entry is not None and entry['ours'] and usable()
             return self._decided[case]
+
+    def _adopted_or_new(self, case: Case, ours: Callable, usable: Callable[[], bool],
+                        table: Callable[[], bool]) -> Optional[dict]:
+        """The decision of a case this file lacks, now kept in it: the machine's, else timed (the
+        tables' once the budget is spent) and also given to the machine unless the timing failed (that
+        may be this run's alone). None, and nothing kept, where our kernels fail the self-check here."""
+        key = case.key()
+        entry = self.machine._read().get(key) if self.machine else None
+        if entry is None:
+            if not usable():
+                return None
+            entry = self._time(case, ours) if self.stats.seconds < self.budget else self._untimed(table())
+            if self.machine and not entry.get('failed'):
+                entry = self.machine._remember(key, entry)
+        return self._remember(key, entry)
 
     def _time(self, case: Case, ours: Callable) -> dict:
         began = time.perf_counter()
