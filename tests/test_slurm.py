@@ -289,11 +289,12 @@ def test_a_two_node_job_requeued_twice_mid_epoch_ends_as_the_uninterrupted_torch
 
 
 def test_ahead_of_the_time_limit_the_job_saves_requeues_itself_and_completes(cluster, tmp_path):
-    # A one-minute limit and the signal 59 s ahead: Slurm sends it within the first half minute (its
-    # time checks run about every 30 s), while this run needs more. Mutations caught: SIGUSR1 left to its
-    # default (the job died, not requeued); no requeue after the save (the job ended at its limit).
+    # A two-minute limit and the signal 100 s ahead: Slurm sends it 20 to 50 s in (its time checks run
+    # about every 30 s), once the processes listen (sooner, it could end a Python still starting, or find
+    # no job step yet) and while this run needs more. Mutations caught: SIGUSR1 left to its default (the
+    # job died, not requeued); no requeue after the save (the job ended at its limit).
     out = tmp_path / 'out'
-    job = cluster.sbatch('--nodes', '2', '--ntasks-per-node', '1', '--time=1', '--signal=USR1@59',
+    job = cluster.sbatch('--nodes', '2', '--ntasks-per-node', '1', '--time=2', '--signal=USR1@100',
                          f'--output={tmp_path}/%j.out', 'slurm/train.sbatch', '--device', 'cpu',
                          *digits_run(out, 'TRAIN.EPOCHS', '8'))
     # Back in the queue (Slurm holds it there for a while): its processes have ended.
