@@ -139,6 +139,19 @@ def test_runs_on_one_machine_adopt_its_decisions_and_each_keeps_its_own(tuning):
     assert later.calls > 0
 
 
+def test_a_run_keeps_its_decisions_where_the_machine_cannot(tuning, monkeypatch, caplog):
+    """The machine's folder cannot be made (a file stands in its way): a warning says which file is
+    missing, and the run's folder still keeps what the run decided, for its resumes."""
+    (tuning / 'blocked').write_text('')
+    monkeypatch.setenv(autotune.FOLDER_VARIABLE, str(tuning / 'blocked' / 'decisions'))
+    with caplog.at_level(logging.WARNING, logger='kernels.dwconv'):
+        run = autotune.tuner(CPU, str(tuning / 'run'))
+    assert [r.getMessage().split(' (')[0] for r in caplog.records] == [
+        'depthwise-conv tuning decisions are not kept for this machine']
+    assert run.decide(CASE, cheap, lambda: True, lambda: False) is True
+    assert json.loads(Path(run.path).read_text())['decisions'][CASE.key()]['ours'] is True
+
+
 def test_a_remembered_choice_of_ours_still_needs_this_process_self_check(tuning):
     path = str(tuning / 'decisions.json')
     decide(CASE, cheap, path=path)
