@@ -12,9 +12,10 @@ step). Chosen by ``impl``:
   use, remembered); PyTorch otherwise. :func:`choose_kernels` decides every conv of a model once it
   is on its device, the same on every process, and installs the choice on each (``install``:
   ``chosen``, and where our CPU kernel trains FAT's GELU + conv, the fused module
-  :class:`FusedGeluDepthwiseConv2d`); forward passes only read it. A model used on its own decides each case at its first eager use; under
-  torch.compile or torch.export (whose shapes may be symbolic) it follows the measured tables. Ours
-  is the ``torch.ops.fat.depthwise_conv2d`` operator, so it stays in ``torch.compile`` graphs.
+  :class:`FusedGeluDepthwiseConv2d`); forward passes only read it. A model used on its own decides
+  each case at its first eager use; under torch.compile or torch.export (whose shapes may be
+  symbolic) it follows the measured tables. Ours is the ``torch.ops.fat.depthwise_conv2d``
+  operator, so it stays in ``torch.compile`` graphs.
 - ``'torch'``: always ``F.conv2d``.
 - ``'cuda'``: always our kernel on CUDA tensors, an error if it cannot be used; PyTorch on CPU.
 """
@@ -271,9 +272,11 @@ def choose_kernels(model: nn.Module, input_shape: Tuple[int, ...], batch_size: i
         usable = [all(flags) for flags in zip(*everywhere)]
     for case, ok in zip(ours, usable):
         ours_by_case[case.key()] = ok
-    for conv in seen:
-        conv.install({'train': False, 'infer': False,
-                      **{mode: ours_by_case[case.key()] for (of, mode), case in cases.items() if of is conv}})
+    chosen = {conv: {'train': False, 'infer': False} for conv in seen}
+    for (conv, mode), case in cases.items():
+        chosen[conv][mode] = ours_by_case[case.key()]
+    for conv, choice in chosen.items():
+        conv.install(choice)
     if rank != 0:
         return ''
     counts = ', '.join(f'{sum(conv.chosen[mode] for conv in seen)} of {len(seen)} for {name}'

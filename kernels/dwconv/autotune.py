@@ -263,8 +263,6 @@ def tuner(device: torch.device, folder: Optional[str] = None) -> Tuner:
     ``autotune/``. With one (a training run's), backed by the machine's: so two runs on one machine
     run the same kernels, and a run keeps them wherever it resumes."""
     machine = tuner(device) if folder else None
-    kept, risk = (('in the run folder', 'a resume of this run') if folder else
-                  ('for this machine', 'another run of the same config'))
     folder = folder or os.environ.get(FOLDER_VARIABLE) or ''
     with _tuners_lock:
         if (str(device), folder) not in _tuners:
@@ -275,6 +273,8 @@ def tuner(device: torch.device, folder: Optional[str] = None) -> Tuner:
                 os.makedirs(where, mode=0o700, exist_ok=True)
                 path: Optional[str] = os.path.join(where, f'{digest}.json')
             except (OSError, RuntimeError) as error:
+                kept, risk = (('in the run folder', 'a resume of this run') if machine else
+                              ('for this machine', 'another run of the same config'))
                 logger.warning(f'depthwise-conv tuning decisions are not kept {kept} ({error}); {risk} may '
                                'choose other kernels')
                 path = None
